@@ -1,0 +1,40 @@
+# spark_gateway: `make demo` runs the main job on this machine, `make test` runs the suite (installing what it needs).
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PIP     := $(PY) -m pip
+APT_PKGS := openssh-server openssh-client iproute2 procps util-linux
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: install system-deps test demo bench lint clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[spark,test]'
+	touch $@
+
+install: $(VENV)/.installed  ## a .venv with the package, Spark and the test tools
+
+system-deps:  ## Debian packages the real test hosts need (sshd, ip, setsid)
+	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+test: install system-deps  ## the whole suite against real sshd hosts, Spark and Jupyter clients
+	$(VENV)/bin/ruff check spark_gateway kernel-launchers tests bench
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+demo: install  ## executes examples/*.ipynb through the provisioner on this machine
+	$(PY) -m examples.demo
+
+bench: install system-deps  ## benchmarks: ratios against jupyter_client's LocalProvisioner, same run
+	$(PY) bench/launch.py
+
+lint: install
+	$(VENV)/bin/ruff check spark_gateway kernel-launchers tests bench
+	$(VENV)/bin/ruff format --check spark_gateway kernel-launchers tests bench
+
+clean:
+	rm -rf build dist .pytest_cache

@@ -1,0 +1,562 @@
+"""`DistributedProvisioner`: starts kernels on a pool of hosts over SSH and manages their whole life."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import os
+import re
+import secrets
+import shlex
+import signal
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+from jupyter_client.connect import KernelConnectionInfo
+from jupyter_client.provisioning import KernelProvisionerBase
+from tornado import web
+from traitlets import Bool, Float, Integer, List, Set, TraitError, Unicode, default, validate
+
+from . import callback
+from .control import ControlError, control_request
+from .placement import ALGORITHMS, HostSelector, PlacementError, check_algorithm, parse_hosts
+from .remote import LaunchHandle, LaunchScriptError, LocalLaunch, SshLaunch, check_env, launch_script, spec_value
+from .ssh import CommandResult, SshError, SshPool, SshSettings, in_thread, is_local
+
+KERNEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+PLACEHOLDERS = ("kernel_id", "port_range", "response_address", "public_key")
+
+
+class ProvisionerError(web.HTTPError):
+    """A refused or failed kernel start: an HTTP status for REST clients, and a message saying what to do."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(status, "%s", message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _env_list(name: str, fallback: list[str]) -> list[str]:
+    value = os.environ.get(name)
+    return [v.strip() for v in value.split(",") if v.strip()] if value is not None else fallback
+
+
+def _env_bool(name: str, fallback: bool) -> bool:
+    return os.environ.get(name, str(fallback)).strip().lower() in ("1", "true", "yes", "on")
+
+
+def parse_port_range(value: str) -> tuple[int, int]:
+    """Validate `lower..upper`: 0..0 (or lower == upper) disables; otherwise 1024-65535 spanning >= 1000 ports."""
+    m = re.fullmatch(r"\s*(\d+)\s*\.\.\s*(\d+)\s*", value)
+    if not m:
+        raise ValueError(f"port_range {value!r} is not of the form LOWER..UPPER (e.g. 40000..41000, or 0..0)")
+    lower, upper = int(m[1]), int(m[2])
+    if lower == upper == 0 or (lower == upper and 1024 <= lower <= 65535):
+        return 0, 0
+    if not (1024 <= lower < upper <= 65535):
+        raise ValueError(f"port_range {value!r}: ports must lie within 1024..65535 with LOWER < UPPER")
+    if upper - lower < 1000:
+        raise ValueError(f"port_range {value!r} spans {upper - lower} ports; it must span at least 1000")
+    return lower, upper
+
+
+@dataclass
+class _Gateway:
+    """Per event loop: the response server and the addresses it listens on."""
+
+    server: callback.ResponseServer
+    ports: dict[str, int] = field(default_factory=dict)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+_gateways: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Gateway] = weakref.WeakKeyDictionary()
+_pools: dict[tuple, SshPool] = {}
+_selector = HostSelector()
+_key_pair: Any = None
+
+
+async def _private_key() -> Any:
+    global _key_pair
+    if _key_pair is None:
+        _key_pair = await in_thread(callback.generate_key_pair)
+    return _key_pair
+
+
+class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
+    """Launches kernels on remote hosts over SSH (or on this machine without SSH)."""
+
+    remote_hosts = List(
+        Unicode(),
+        config=True,
+        help="Hosts kernels may run on: host, host:port or an ssh_config alias (GP_REMOTE_HOSTS, comma-separated).",
+    )
+    load_balancing_algorithm = Unicode(
+        config=True, help=f"One of {', '.join(ALGORITHMS)} (GP_LOAD_BALANCING_ALGORITHM)."
+    )
+    launch_timeout = Float(config=True, help="Seconds to wait for the kernel's connection info (GP_LAUNCH_TIMEOUT).")
+    port_range = Unicode(config=True, help="Kernel ports: LOWER..UPPER, or 0..0 for any (GP_PORT_RANGE).")
+    authorized_users = Set(Unicode(), config=True, help="KERNEL_USERNAMEs allowed (GP_AUTHORIZED_USERS); empty: all.")
+    unauthorized_users = Set(Unicode(), config=True, help="KERNEL_USERNAMEs refused (GP_UNAUTHORIZED_USERS).")
+    remote_user = Unicode(config=True, help="SSH user; default: ssh_config's User, else ours (GP_REMOTE_USER).")
+    remote_pwd = Unicode(config=True, help="SSH password, when keys are not used (GP_REMOTE_PWD).")
+    remote_gss_ssh = Bool(config=True, help="Use GSSAPI (Kerberos) for SSH (GP_REMOTE_GSS_SSH).")
+    ssh_port = Integer(config=True, help="SSH port when neither the entry nor ssh_config gives one (GP_SSH_PORT).")
+    ssh_config_file = Unicode(config=True, help="OpenSSH client config to honour (GP_SSH_CONFIG_FILE).")
+    ssh_connect_timeout = Float(config=True, help="Seconds to reach a host over SSH (GP_SSH_CONNECT_TIMEOUT).")
+    response_ip = Unicode(config=True, help="Address kernels call back to; default: ours as seen by the host.")
+    response_port = Integer(config=True, help="First port tried for the callback server (GP_RESPONSE_PORT).")
+    response_port_retries = Integer(config=True, help="Further ports tried (GP_RESPONSE_PORT_RETRIES).")
+    response_addr_any = Bool(config=True, help="Listen for callbacks on all interfaces (GP_RESPONSE_ADDR_ANY).")
+    prohibited_local_ips = List(Unicode(), config=True, help="Never hand these out (GP_PROHIBITED_LOCAL_IPS).")
+    kernel_log_dir = Unicode(config=True, help="Directory of kernel-<id>.log on each host (GP_KERNEL_LOG_DIR).")
+    restart_same_host = Bool(True, config=True, help="Restart a kernel on the host it ran on.")
+
+    @default("remote_hosts")
+    def _remote_hosts_default(self) -> list[str]:
+        return _env_list("GP_REMOTE_HOSTS", ["localhost"])
+
+    @default("load_balancing_algorithm")
+    def _lb_default(self) -> str:
+        return os.environ.get("GP_LOAD_BALANCING_ALGORITHM", "round-robin")
+
+    @default("launch_timeout")
+    def _launch_timeout_default(self) -> float:
+        return float(os.environ.get("GP_LAUNCH_TIMEOUT", "30"))
+
+    @default("port_range")
+    def _port_range_default(self) -> str:
+        return os.environ.get("GP_PORT_RANGE", "0..0")
+
+    @default("authorized_users")
+    def _authorized_default(self) -> set[str]:
+        return set(_env_list("GP_AUTHORIZED_USERS", []))
+
+    @default("unauthorized_users")
+    def _unauthorized_default(self) -> set[str]:
+        return set(_env_list("GP_UNAUTHORIZED_USERS", ["root"]))
+
+    @default("remote_user")
+    def _remote_user_default(self) -> str:
+        return os.environ.get("GP_REMOTE_USER", "")
+
+    @default("remote_pwd")
+    def _remote_pwd_default(self) -> str:
+        return os.environ.get("GP_REMOTE_PWD", "")
+
+    @default("remote_gss_ssh")
+    def _gss_default(self) -> bool:
+        return _env_bool("GP_REMOTE_GSS_SSH", False)
+
+    @default("ssh_port")
+    def _ssh_port_default(self) -> int:
+        return int(os.environ.get("GP_SSH_PORT", "22"))
+
+    @default("ssh_config_file")
+    def _ssh_config_default(self) -> str:
+        return os.environ.get("GP_SSH_CONFIG_FILE", "~/.ssh/config")
+
+    @default("ssh_connect_timeout")
+    def _connect_timeout_default(self) -> float:
+        return float(os.environ.get("GP_SSH_CONNECT_TIMEOUT", "5"))
+
+    @default("response_ip")
+    def _response_ip_default(self) -> str:
+        return os.environ.get("GP_RESPONSE_IP", "")
+
+    @default("response_port")
+    def _response_port_default(self) -> int:
+        return int(os.environ.get("GP_RESPONSE_PORT", "8877"))
+
+    @default("response_port_retries")
+    def _response_retries_default(self) -> int:
+        return int(os.environ.get("GP_RESPONSE_PORT_RETRIES", "10"))
+
+    @default("response_addr_any")
+    def _addr_any_default(self) -> bool:
+        return _env_bool("GP_RESPONSE_ADDR_ANY", False)
+
+    @default("prohibited_local_ips")
+    def _prohibited_default(self) -> list[str]:
+        return _env_list("GP_PROHIBITED_LOCAL_IPS", [])
+
+    @default("kernel_log_dir")
+    def _log_dir_default(self) -> str:
+        return os.environ.get("GP_KERNEL_LOG_DIR", "/tmp")
+
+    @validate("load_balancing_algorithm")
+    def _check_algorithm(self, proposal: Any) -> str:
+        try:
+            return check_algorithm(proposal["value"])
+        except PlacementError as exc:
+            raise TraitError(str(exc)) from None
+
+    @validate("remote_hosts")
+    def _check_hosts(self, proposal: Any) -> list[str]:
+        try:
+            return parse_hosts(proposal["value"])
+        except ValueError as exc:
+            raise TraitError(str(exc)) from None
+
+    @validate("port_range")
+    def _check_port_range(self, proposal: Any) -> str:
+        try:
+            parse_port_range(proposal["value"])
+        except ValueError as exc:
+            raise TraitError(str(exc)) from None
+        return proposal["value"]
+
+    # -- state of the kernel this instance manages (all of it in get_provisioner_info) --
+    host: str | None = None
+    pid: int | None = None
+    pgid: int | None = None
+    hostname: str | None = None
+    listener: tuple[str, int, str] | None = None  # address, port, secret
+    remote_connection_file: str | None = None
+    log_file: str | None = None
+    _restart_host: str | None = None
+    _launch: LaunchHandle | None = None
+    _exit_status: int | None = None
+
+    # ------------------------------------------------------------------ plumbing
+    @property
+    def pool(self) -> SshPool:
+        settings = SshSettings(
+            config_file=self.ssh_config_file,
+            port=self.ssh_port,
+            user=self.remote_user,
+            password=self.remote_pwd,
+            gss_auth=self.remote_gss_ssh,
+            connect_timeout=self.ssh_connect_timeout,
+        )
+        key = tuple(sorted(vars(settings).items(), key=lambda kv: kv[0]))
+        key = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in key)
+        if key not in _pools:
+            _pools[key] = SshPool(settings)
+        return _pools[key]
+
+    def _is_local(self, host: str) -> bool:
+        return is_local(host, self.pool.settings)
+
+    async def _run_on_host(self, host: str, command: str, timeout: float = 10.0) -> CommandResult:
+        """Run a command we built (ints and quoted paths only) on `host`."""
+        if self._is_local(host):
+            proc = await asyncio.create_subprocess_exec(
+                "/bin/sh", "-c", command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+            )
+            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+            return CommandResult(proc.returncode or 0, out.decode(), err.decode())
+        return await in_thread(self.pool.run, host, command, b"", timeout)
+
+    async def _gateway(self) -> _Gateway:
+        loop = asyncio.get_running_loop()
+        if loop not in _gateways:
+            _gateways[loop] = _Gateway(callback.ResponseServer(await _private_key()))
+        return _gateways[loop]
+
+    async def _response_address(self, host: str) -> str:
+        """An address of ours that `host` can reach, with our callback server listening on it."""
+        if self.response_ip:
+            address = self.response_ip
+        elif self._is_local(host):
+            address = "127.0.0.1"
+        else:
+            address = await in_thread(self.pool.local_address, host) or ""
+            if not address:
+                raise ProvisionerError(
+                    500, f"cannot tell which address {host} reaches this gateway at (ProxyJump?): set GP_RESPONSE_IP"
+                )
+        if address in self.prohibited_local_ips:
+            raise ProvisionerError(
+                500,
+                f"the gateway address {host} would call back to ({address}) is in GP_PROHIBITED_LOCAL_IPS: "
+                "set GP_RESPONSE_IP to an address that host can reach",
+            )
+        gateway = await self._gateway()
+        bind = "0.0.0.0" if self.response_addr_any else address
+        async with gateway.lock:
+            if bind not in gateway.ports:
+                first = next(iter(gateway.ports.values()), self.response_port)
+                gateway.ports[bind] = await gateway.server.listen(bind, first, self.response_port_retries)
+        host_part = f"[{address}]" if ":" in address else address
+        return f"{host_part}:{gateway.ports[bind]}"
+
+    # ------------------------------------------------------------------ launch
+    @property
+    def has_process(self) -> bool:
+        return self.pid is not None
+
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        km = self.parent
+        extra = kwargs.pop("extra_arguments", [])
+        cmd = km.format_kernel_cmd(extra_arguments=extra) if km else self.kernel_spec.argv + extra
+        return await super().pre_launch(cmd=cmd, **kwargs)
+
+    def _authorize(self, env: dict[str, str]) -> str:
+        username = env.get("KERNEL_USERNAME") or getpass.getuser()
+        if username in self.unauthorized_users:
+            raise ProvisionerError(
+                403, f"user {username!r} is not allowed to start kernels (listed in unauthorized_users)"
+            )
+        if self.authorized_users and username not in self.authorized_users:
+            raise ProvisionerError(
+                403, f"user {username!r} is not allowed to start kernels (not listed in authorized_users)"
+            )
+        return username
+
+    def _exports(self, env: dict[str, str], username: str, token: str) -> dict[str, str]:
+        """Names to shell words: client KERNEL_* values, then the kernelspec's env rendered against them."""
+        values = {k: v for k, v in env.items() if k.startswith("KERNEL_")}
+        values.update(KERNEL_ID=self.kernel_id, KERNEL_USERNAME=username)
+        try:
+            for name, value in values.items():
+                check_env(name, value)
+        except LaunchScriptError as exc:
+            raise ProvisionerError(400, str(exc)) from None
+        words = {name: shlex.quote(value) for name, value in values.items()}
+        for name, template in (self.kernel_spec.env or {}).items():
+            if name not in values:
+                try:
+                    check_env(name, str(template))
+                except LaunchScriptError as exc:
+                    raise ProvisionerError(500, f"kernelspec {self.kernel_spec.display_name!r}: {exc}") from None
+                words[name] = spec_value(str(template), values)
+        words["GP_LAUNCH_TOKEN"] = token
+        words["GP_KERNEL_LOG_DIR"] = shlex.quote(self.kernel_log_dir)
+        return words
+
+    def _choose_host(self, env: dict[str, str]) -> str:
+        if self._restart_host and self.restart_same_host:
+            host, self._restart_host = self._restart_host, None
+            _selector.adopt(host)
+            return host
+        try:
+            return _selector.choose(self.remote_hosts, self.load_balancing_algorithm, env.get("KERNEL_REMOTE_HOST"))
+        except PlacementError as exc:
+            raise ProvisionerError(403 if "KERNEL_REMOTE_HOST" in str(exc) else 500, str(exc)) from None
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
+        env: dict[str, str] = kwargs.get("env") or {}
+        if not KERNEL_ID.match(self.kernel_id or ""):
+            raise ProvisionerError(400, f"kernel id {self.kernel_id!r} is not a valid id (letters, digits, . _ -)")
+        username = self._authorize(env)
+        port_range = env.get("KERNEL_PORT_RANGE") or self.port_range
+        try:
+            parse_port_range(port_range)
+        except ValueError as exc:
+            raise ProvisionerError(400, str(exc)) from None
+        host = self._choose_host(env)
+        self.host = host
+        try:
+            return await self._launch_on(host, cmd, env, username, port_range, kwargs.get("cwd"))
+        except BaseException:
+            _selector.release(host)
+            self.host = None
+            raise
+
+    async def _launch_on(
+        self, host: str, cmd: list[str], env: dict[str, str], username: str, port_range: str, cwd: str | None
+    ) -> KernelConnectionInfo:
+        local = self._is_local(host)
+        try:
+            response_address = await self._response_address(host)
+        except SshError as exc:
+            raise ProvisionerError(503, f"cannot start a kernel on {host}: {exc}") from None
+        gateway = await self._gateway()
+        token = secrets.token_hex(32)
+        public_key = callback.public_key_b64(await _private_key())
+        values = {
+            "kernel_id": self.kernel_id,
+            "port_range": port_range,
+            "response_address": response_address,
+            "public_key": public_key,
+        }
+        argv = [re.sub(r"\{(\w+)\}", lambda m: values.get(m[1], m[0]), arg) for arg in cmd]
+        self.log_file = f"{self.kernel_log_dir.rstrip('/')}/kernel-{self.kernel_id}.log"
+        workdir = env.get("KERNEL_WORKING_DIR") or (cwd if local else None)
+        script = launch_script(argv, self._exports(env, username, token), self.log_file, workdir)
+        payload = gateway.server.register(self.kernel_id, token)
+        started = time.monotonic()
+        try:
+            if local:
+                handle: LaunchHandle = await LocalLaunch.start(script, env)
+            else:
+                handle = await SshLaunch.start(self.pool, host, script)
+        except (SshError, OSError) as exc:
+            gateway.server.unregister(self.kernel_id)
+            raise ProvisionerError(503, f"cannot start a kernel on {host}: {exc}") from None
+        self.pid = self.pgid = handle.pid
+        info = await self._await_callback(host, handle, payload, gateway)
+        self.log.info(
+            "kernel %s running on %s (%s) pid %s, ready in %.2f s",
+            self.kernel_id, host, info.get("hostname"), info.get("pid"), time.monotonic() - started,
+        )
+        return self._adopt_payload(host, info, await self._kernel_ip(host))
+
+    async def _await_callback(
+        self, host: str, handle: LaunchHandle, payload: asyncio.Future, gateway: _Gateway
+    ) -> dict[str, Any]:
+        died = asyncio.ensure_future(handle.exited())
+        try:
+            done, _ = await asyncio.wait({payload, died}, timeout=self.launch_timeout, return_when="FIRST_COMPLETED")
+            if payload in done:
+                return payload.result()
+            if died in done:
+                outcome = died.result()
+                raise ProvisionerError(
+                    500,
+                    f"kernel {self.kernel_id} died on {host} before reporting its connection info "
+                    f"(exit status {outcome.status}). Last lines of {self.log_file} there:\n{outcome.tail}",
+                )
+            await self._signal_host(host, signal.SIGKILL, group=True)
+            tail = await self._log_tail(host)
+            raise ProvisionerError(
+                500,
+                f"kernel {self.kernel_id} on {host} sent no connection info within launch_timeout="
+                f"{self.launch_timeout:g} s; it was killed. Check that {host} can reach the gateway's response "
+                f"address, or raise GP_LAUNCH_TIMEOUT. Last lines of {self.log_file} there:\n{tail}",
+            )
+        except BaseException:
+            gateway.server.unregister(self.kernel_id)
+            self.pid = self.pgid = None
+            raise
+        finally:
+            handle.detach()
+            died.cancel()
+
+    async def _kernel_ip(self, host: str) -> str:
+        if self._is_local(host):
+            return "127.0.0.1"
+        return await in_thread(self.pool.peer_address, host)
+
+    def _adopt_payload(self, host: str, info: dict[str, Any], ip: str) -> KernelConnectionInfo:
+        conn = dict(info["connection_info"])
+        conn["ip"] = ip
+        conn["key"] = conn["key"].encode() if isinstance(conn["key"], str) else conn["key"]
+        self.pid, self.pgid, self.hostname = info["pid"], info["pgid"], info.get("hostname")
+        self.listener = (ip, int(info["listener_port"]), info["listener_secret"])
+        self.remote_connection_file = info.get("connection_file")
+        self._exit_status = None
+        self.connection_info = conn
+        return conn
+
+    async def _log_tail(self, host: str) -> str:
+        try:
+            res = await self._run_on_host(host, f"tail -n 30 {shlex.quote(self.log_file or '')}")
+            return res.stdout.strip()
+        except (SshError, OSError, asyncio.TimeoutError) as exc:
+            return f"(log unavailable: {exc})"
+
+    # ------------------------------------------------------------------ lifecycle
+    async def _control(self, op: str, args: dict[str, Any] | None = None, timeout: float = 3.0) -> dict[str, Any]:
+        if self.listener is None:
+            raise ControlError("no control listener is known for this kernel")
+        ip, port, secret = self.listener
+        return await control_request(ip, port, secret, op, args, timeout=timeout)
+
+    async def _signal_host(self, host: str, signum: int, group: bool) -> bool:
+        """Signal the kernel over SSH (or locally); True when the process (group) existed."""
+        target = f"-- -{self.pgid}" if group else str(self.pid)
+        try:
+            res = await self._run_on_host(host, f"kill -{int(signum)} {target}")
+        except (SshError, OSError, asyncio.TimeoutError) as exc:
+            self.log.warning("cannot signal kernel %s on %s: %s", self.kernel_id, host, exc)
+            return False
+        return res.status == 0
+
+    async def poll(self) -> int | None:
+        if self.pid is None or self.host is None:
+            return 0 if self._exit_status is None else self._exit_status
+        try:
+            await self._control("poll", timeout=2.0)
+            return None
+        except ControlError:
+            pass
+        if await self._signal_host(self.host, 0, group=False):
+            return None
+        self._exit_status = 1
+        return 1
+
+    async def wait(self) -> int | None:
+        while (status := await self.poll()) is None:
+            await asyncio.sleep(0.05)
+        return status
+
+    async def send_signal(self, signum: int) -> None:
+        if signum == 0:
+            await self.poll()
+            return
+        await self._deliver(int(signum), group=False)
+
+    async def _deliver(self, signum: int, group: bool) -> None:
+        if self.pid is None or self.host is None:
+            return
+        try:
+            await self._control("signal", {"signum": signum, "group": group})
+        except ControlError as exc:
+            self.log.debug("control listener of %s unreachable (%s); signalling over SSH", self.kernel_id, exc)
+            await self._signal_host(self.host, signum, group)
+
+    async def terminate(self, restart: bool = False) -> None:
+        await self._deliver(signal.SIGTERM, group=True)
+
+    async def kill(self, restart: bool = False) -> None:
+        await self._deliver(signal.SIGKILL, group=True)
+
+    async def cleanup(self, restart: bool = False) -> None:
+        """Leave nothing behind on the host: no process of the kernel's group, no connection file."""
+        host = self.host
+        if host is None:
+            return
+        if self.pgid is not None:
+            files = " ".join(shlex.quote(f) for f in (self.remote_connection_file,) if f)
+            command = f"kill -9 -- -{int(self.pgid)} 2>/dev/null; {'rm -f ' + files if files else 'true'}"
+            try:
+                await self._run_on_host(host, command)
+            except (SshError, OSError, asyncio.TimeoutError) as exc:
+                self.log.warning("cleanup of kernel %s on %s failed: %s", self.kernel_id, host, exc)
+        _selector.release(host)
+        self._restart_host = host if restart else None
+        self.host = self.pid = self.pgid = self.listener = None
+
+    async def get_provisioner_info(self) -> dict[str, Any]:
+        info = await super().get_provisioner_info()
+        conn = dict(info.get("connection_info") or {})
+        if isinstance(conn.get("key"), bytes):
+            conn["key"] = conn["key"].decode()
+        info.update(
+            connection_info=conn,
+            host=self.host,
+            hostname=self.hostname,
+            pid=self.pid,
+            pgid=self.pgid,
+            listener=list(self.listener) if self.listener else None,
+            connection_file=self.remote_connection_file,
+            log_file=self.log_file,
+        )
+        return info
+
+    async def load_provisioner_info(self, provisioner_info: dict) -> None:
+        await super().load_provisioner_info(provisioner_info)
+        conn = dict(self.connection_info or {})
+        if isinstance(conn.get("key"), str):
+            conn["key"] = conn["key"].encode()
+        self.connection_info = conn
+        self.host = provisioner_info["host"]
+        self.hostname = provisioner_info.get("hostname")
+        self.pid, self.pgid = provisioner_info["pid"], provisioner_info["pgid"]
+        listener = provisioner_info.get("listener")
+        self.listener = (listener[0], int(listener[1]), listener[2]) if listener else None
+        self.remote_connection_file = provisioner_info.get("connection_file")
+        self.log_file = provisioner_info.get("log_file")
+        if self.host:
+            _selector.adopt(self.host)
+
+    def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
+        return recommended
+
+    def get_stable_start_time(self, recommended: float = 10.0) -> float:
+        return max(recommended, self.launch_timeout)

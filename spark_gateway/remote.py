@@ -1,0 +1,212 @@
+"""The launch script, and running it on a host: locally, or over the pooled SSH connection.
+
+The script goes to `/bin/sh -s` on stdin, so no value appears in any process's argv, and every value in it is
+single-quoted: client text is data, never code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import paramiko
+
+from .ssh import SshPool, in_thread
+
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+# $NAME, ${NAME} and ${NAME:-default} in kernelspec env values (operator text, as in the seed's examples)
+_REFERENCE = re.compile(
+    r"\$(?:\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}|(?P<plain>[A-Za-z_][A-Za-z0-9_]*))"
+)
+SHELL = "/bin/sh -s"
+TAIL_LINES = 30
+
+
+class LaunchScriptError(ValueError):
+    """An environment name or value cannot be passed to a kernel."""
+
+
+def check_env(name: str, value: str) -> None:
+    """Refuse what no environment can hold, naming the variable."""
+    if not ENV_NAME.match(name):
+        raise LaunchScriptError(f"environment variable name {name!r} is not valid (letters, digits and _ only)")
+    if "\0" in value:
+        raise LaunchScriptError(f"environment variable {name} contains a NUL byte, which no environment can hold")
+
+
+def spec_value(template: str, values: Mapping[str, str]) -> str:
+    """Render a kernelspec env value as one shell word.
+
+    References to variables we send (`KERNEL_ID`, client `KERNEL_*` values, ...) are replaced by their values,
+    quoted; references to anything else (`${HOME}`) are left to the host's shell as plain parameter expansion.
+    Nothing else in the template, and nothing in any value, is interpreted.
+    """
+    parts, pos = [], 0
+    for m in _REFERENCE.finditer(template):
+        parts.append(shlex.quote(template[pos : m.start()]) if m.start() > pos else "")
+        name = m["braced"] or m["plain"]
+        if name in values:
+            parts.append(shlex.quote(values[name]))
+        elif m["default"] is not None:
+            parts.append(shlex.quote(m["default"]))
+        else:
+            parts.append(f'"${{{name}}}"')
+        pos = m.end()
+    parts.append(shlex.quote(template[pos:]) if pos < len(template) or not parts else "")
+    return "".join(parts)
+
+
+def launch_script(
+    argv: list[str],
+    exports: Mapping[str, str],
+    log_file: str,
+    workdir: str | None = None,
+    run_as: str | None = None,
+) -> str:
+    """The script that starts the kernel detached (own session) and reports its pid, exit status and log tail.
+
+    `exports` maps names to shell words (already quoted, see `spec_value`); `run_as` runs the kernel under
+    `sudo -u` with that environment.
+    """
+    lines = [f"export {name}={word}" for name, word in exports.items()]
+    if workdir:
+        lines.append(f"cd {shlex.quote(workdir)} || exit 97")
+    log = shlex.quote(log_file)
+    command = " ".join(shlex.quote(a) for a in argv)
+    if run_as:
+        keep = ",".join(exports)
+        command = f"sudo -n -u {shlex.quote(run_as)} --preserve-env={shlex.quote(keep)} -- {command}"
+    lines += [
+        f"(umask 077 && : >> {log}) || {{ echo 'cannot write the kernel log '{log} >&2; exit 98; }}",
+        f"setsid {command} < /dev/null >> {log} 2>&1 &",
+        "pid=$!",
+        'echo "pid $pid"',
+        'wait "$pid"',
+        'echo "exit $?"',
+        f"tail -n {TAIL_LINES} {log}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class LaunchOutcome:
+    """What the launch shell reported after the kernel process ended."""
+
+    status: int | None
+    tail: str
+
+
+class LaunchHandle:
+    """A started launch script: the kernel's pid now, its exit status and log tail if it dies."""
+
+    pid: int
+
+    async def exited(self) -> LaunchOutcome:
+        raise NotImplementedError
+
+    def detach(self) -> None:
+        """Stop watching; the kernel keeps running."""
+
+
+def _parse_outcome(rest: str, stderr: str) -> LaunchOutcome:
+    status, tail = None, rest
+    first, _, after = rest.partition("\n")
+    if first.startswith("exit "):
+        status, tail = int(first.split()[1]), after
+    return LaunchOutcome(status, (tail + stderr).strip())
+
+
+class LocalLaunch(LaunchHandle):
+    """The script run by a local `/bin/sh` (the embedded default: no SSH)."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, pid: int) -> None:
+        self.proc, self.pid = proc, pid
+
+    @classmethod
+    async def start(cls, script: str, env: Mapping[str, str] | None) -> LocalLaunch:
+        proc = await asyncio.create_subprocess_exec(
+            "/bin/sh",
+            "-s",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=dict(env) if env is not None else None,
+            start_new_session=True,
+        )
+        assert proc.stdin and proc.stdout
+        proc.stdin.write(script.encode())
+        proc.stdin.close()
+        first = (await proc.stdout.readline()).decode()
+        if not first.startswith("pid "):
+            err = (await proc.stderr.read()).decode() if proc.stderr else ""
+            await proc.wait()
+            raise OSError(f"the launch shell failed (exit {proc.returncode}): {(first + err).strip()}")
+        return cls(proc, int(first.split()[1]))
+
+    async def exited(self) -> LaunchOutcome:
+        assert self.proc.stdout and self.proc.stderr
+        out, err = await asyncio.gather(self.proc.stdout.read(), self.proc.stderr.read())
+        await self.proc.wait()
+        return _parse_outcome(out.decode(errors="replace"), err.decode(errors="replace"))
+
+    def detach(self) -> None:
+        # Only the waiting shell goes; the kernel has its own session and keeps running.
+        if self.proc.returncode is None:
+            self.proc.kill()
+
+
+class SshLaunch(LaunchHandle):
+    """The script run by `/bin/sh -s` on a channel of the pooled SSH connection."""
+
+    def __init__(self, channel: paramiko.Channel, pid: int, rest: bytes) -> None:
+        self.channel, self.pid, self._rest = channel, pid, rest
+
+    @classmethod
+    async def start(cls, pool: SshPool, entry: str, script: str) -> SshLaunch:
+        def begin() -> tuple[paramiko.Channel, int, bytes]:
+            channel = pool.open_session(entry, SHELL)
+            channel.sendall(script.encode())
+            channel.shutdown_write()
+            buf = b""
+            while b"\n" not in buf:
+                data = channel.recv(4096)
+                if not data:
+                    err = _read_all(channel.recv_stderr)
+                    status = channel.recv_exit_status()
+                    channel.close()
+                    raise OSError(f"the launch shell on {entry} failed (exit {status}): {(buf + err).decode().strip()}")
+                buf += data
+            first, _, rest = buf.partition(b"\n")
+            if not first.startswith(b"pid "):
+                channel.close()
+                raise OSError(f"unexpected output from the launch shell on {entry}: {first.decode()!r}")
+            return channel, int(first.split()[1]), rest
+
+        return cls(*await in_thread(begin))
+
+    async def exited(self) -> LaunchOutcome:
+        def drain() -> LaunchOutcome:
+            out = self._rest + _read_all(self.channel.recv)
+            err = _read_all(self.channel.recv_stderr)
+            return _parse_outcome(out.decode(errors="replace"), err.decode(errors="replace"))
+
+        return await in_thread(drain)
+
+    def detach(self) -> None:
+        self.channel.close()
+
+
+def _read_all(recv: object) -> bytes:
+    buf = bytearray()
+    while True:
+        try:
+            data = recv(65536)  # type: ignore[operator]
+        except OSError:
+            break
+        if not data:
+            break
+        buf += data
+    return bytes(buf)
