@@ -7,6 +7,7 @@ single-quoted: client text is data, never code.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shlex
 from collections.abc import Mapping
@@ -133,7 +134,7 @@ class LocalLaunch(LaunchHandle):
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            env=dict(env) if env is not None else None,
+            env={**os.environ, **(env or {})},
             start_new_session=True,
         )
         assert proc.stdin and proc.stdout

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import inspect
 import logging
 import os
 import socket
@@ -201,6 +202,7 @@ class SshPool:
                 client.load_host_keys(path)
         client.set_missing_host_key_policy(paramiko.RejectPolicy() if t.strict else paramiko.WarningPolicy())
         keys = t.identity_files or _default_keys()
+        extra = _gss_options() if self.settings.gss_auth else {}
         sock = self._socket(t)
         try:
             client.connect(
@@ -211,12 +213,11 @@ class SshPool:
                 key_filename=[k for k in keys if os.path.exists(k)] or None,
                 look_for_keys=False,
                 allow_agent=True,
-                gss_auth=self.settings.gss_auth,
-                gss_kex=self.settings.gss_auth,
                 sock=sock,
                 timeout=self.settings.connect_timeout,
                 banner_timeout=self.settings.connect_timeout,
                 auth_timeout=self.settings.connect_timeout,
+                **extra,
             )
         except paramiko.BadHostKeyException as exc:
             client.close()
@@ -303,6 +304,16 @@ class SshPool:
         if isinstance(sock, socket.socket):
             return sock.getpeername()[0]
         return resolve(entry, self.settings).hostname
+
+
+def _gss_options() -> dict[str, bool]:
+    """GSSAPI (Kerberos) options, where the installed paramiko still supports them."""
+    if "gss_auth" not in inspect.signature(paramiko.SSHClient.connect).parameters:
+        raise SshError(
+            f"GP_REMOTE_GSS_SSH is set, but paramiko {paramiko.__version__} has no GSSAPI support (removed in "
+            "paramiko 5): install 'paramiko<5' and 'gssapi', or use key authentication"
+        )
+    return {"gss_auth": True, "gss_kex": True}
 
 
 def _drain(channel: paramiko.Channel) -> tuple[str, str]:

@@ -1,0 +1,445 @@
+"""Remote side of the spark_gateway callback and control protocols (v1, see docs/design.md).
+
+Self-contained (stdlib + pycryptodome) so it can be copied to cluster hosts. Importable by a launcher placed
+in the same directory, or run standalone for launchers in other languages:
+
+    server_listener.py --kernel-id ID --response-address H:P --public-key B64 --port-range R \
+        --connection-file PATH --pid PID [--ip IP]        (reads GP_LAUNCH_TOKEN from the environment)
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import errno
+import hashlib
+import hmac
+import json
+import logging
+import os
+import random
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from Crypto.Cipher import AES, PKCS1_OAEP
+from Crypto.Hash import SHA256
+from Crypto.PublicKey import RSA
+
+log = logging.getLogger("server_listener")
+
+PROTOCOL_VERSION = 1
+AAD_PREFIX = b"spark_gateway/v1|"
+MAX_MESSAGE = 64 * 1024
+KERNEL_PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
+CONTROL_OPS = ("poll", "signal", "shutdown")
+SHUTDOWN_GRACE = 1.0
+
+
+class CallbackError(RuntimeError):
+    """The connection info could not be delivered to the gateway."""
+
+
+class _Ignored(Exception):
+    """A control request that is logged and dropped without a reply."""
+
+
+# --- ports and connection file -------------------------------------------------------------------
+
+
+def parse_port_range(port_range: str) -> tuple[int, int]:
+    """Parse ``lower..upper``; ``0..0`` means any port."""
+    try:
+        lower, upper = (int(part) for part in port_range.split(".."))
+    except ValueError:
+        raise ValueError(f"invalid port range {port_range!r}: expected 'lower..upper'") from None
+    if (lower, upper) != (0, 0) and not 0 < lower <= upper <= 65535:
+        raise ValueError(f"invalid port range {port_range!r}: need 0 < lower <= upper <= 65535")
+    return lower, upper
+
+
+def _socket_for(ip: str) -> socket.socket:
+    return socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM)
+
+
+def select_ports(port_range: str, count: int, ip: str = "0.0.0.0") -> list[int]:
+    """Return ``count`` distinct free TCP ports on ``ip``: random within the range, OS-assigned for ``0..0``."""
+    lower, upper = parse_port_range(port_range)
+    candidates = [0] * count if upper == 0 else random.sample(range(lower, upper + 1), upper - lower + 1)
+    held: list[socket.socket] = []
+    try:
+        for port in candidates:
+            sock = _socket_for(ip)
+            try:
+                sock.bind((ip, port))
+            except OSError:
+                sock.close()
+                continue
+            held.append(sock)
+            if len(held) == count:
+                return [s.getsockname()[1] for s in held]
+    finally:
+        for sock in held:
+            sock.close()
+    raise OSError(errno.EADDRINUSE, f"fewer than {count} free ports in range {port_range} on {ip}")
+
+
+def build_connection_info(ports: list[int], ip: str = "0.0.0.0", kernel_name: str = "") -> dict[str, Any]:
+    """Jupyter connection info for five kernel ports (shell, iopub, stdin, control, hb), fresh HMAC key."""
+    if len(ports) != len(KERNEL_PORT_NAMES):
+        raise ValueError(f"need {len(KERNEL_PORT_NAMES)} ports, got {len(ports)}")
+    return {
+        **dict(zip(KERNEL_PORT_NAMES, ports, strict=True)),
+        "ip": ip,
+        "key": secrets.token_hex(32),
+        "transport": "tcp",
+        "signature_scheme": "hmac-sha256",
+        "kernel_name": kernel_name,
+    }
+
+
+def write_connection_file(path: str, info: dict[str, Any]) -> None:
+    """Write ``info`` as JSON to ``path``, readable by the owner only (0600)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(info, f, indent=1)
+
+
+def remove_file(path: str) -> None:
+    """Remove ``path`` if it exists."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+# --- callback ------------------------------------------------------------------------------------
+
+
+def payload_fields(
+    kernel_id: str,
+    connection_info: dict[str, Any],
+    pid: int,
+    pgid: int,
+    listener: ControlListener,
+    connection_file: str,
+) -> dict[str, Any]:
+    """The callback plaintext fields other than ``kernel_id`` and ``launch_token``."""
+    log_dir = os.environ.get("GP_KERNEL_LOG_DIR")
+    return {
+        "connection_info": connection_info,
+        "pid": pid,
+        "pgid": pgid,
+        "hostname": socket.gethostname(),
+        "listener_port": listener.port,
+        "listener_secret": listener.secret_hex,
+        "connection_file": os.path.abspath(connection_file),
+        "log_file": os.path.join(log_dir, f"kernel-{kernel_id}.log") if log_dir else None,
+    }
+
+
+def encrypt_payload(public_key_b64: str, kernel_id: str, plaintext: dict[str, Any]) -> bytes:
+    """Seal ``plaintext`` into a v1 envelope: AES-256-GCM, key wrapped with RSA-OAEP-SHA256."""
+    rsa_key = RSA.import_key(base64.b64decode(public_key_b64))
+    aes_key = secrets.token_bytes(32)
+    nonce = secrets.token_bytes(12)
+    cipher = AES.new(aes_key, AES.MODE_GCM, nonce=nonce)
+    cipher.update(AAD_PREFIX + kernel_id.encode())
+    data, tag = cipher.encrypt_and_digest(json.dumps(plaintext).encode())
+
+    def b64(raw: bytes) -> str:
+        return base64.b64encode(raw).decode()
+
+    envelope = {
+        "v": PROTOCOL_VERSION,
+        "kernel_id": kernel_id,
+        "key": b64(PKCS1_OAEP.new(rsa_key, hashAlgo=SHA256).encrypt(aes_key)),
+        "nonce": b64(nonce),
+        "data": b64(data),
+        "tag": b64(tag),
+    }
+    return json.dumps(envelope).encode()
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """Split ``host:port`` (IPv6 hosts in brackets)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"invalid address {address!r}: expected host:port")
+    return host.strip("[]"), int(port)
+
+
+def send_connection_info(
+    response_address: str,
+    public_key_b64: str,
+    kernel_id: str,
+    launch_token: str,
+    payload_fields: dict[str, Any],
+    timeout: float = 10.0,
+    attempts: int = 5,
+) -> None:
+    """Encrypt and deliver the connection info; raise CallbackError unless the gateway answers ok."""
+    plaintext = {"kernel_id": kernel_id, "launch_token": launch_token, **payload_fields}
+    envelope = encrypt_payload(public_key_b64, kernel_id, plaintext)
+    reply = _deliver(parse_address(response_address), envelope, timeout, attempts)
+    try:
+        answer = json.loads(reply)
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict) or answer.get("ok") is not True:
+        error = answer.get("error") if isinstance(answer, dict) else reply[:200]
+        raise CallbackError(f"gateway at {response_address} rejected the connection info: {error}")
+
+
+def _deliver(address: tuple[str, int], envelope: bytes, timeout: float, attempts: int) -> bytes:
+    """Send ``envelope`` and return the reply line, retrying while the connection is refused."""
+    where = f"{address[0]}:{address[1]}"
+    for attempt in range(1, attempts + 1):
+        try:
+            with socket.create_connection(address, timeout=timeout) as sock:
+                sock.sendall(envelope)
+                sock.shutdown(socket.SHUT_WR)
+                return _recv_line(sock, time.monotonic() + timeout, MAX_MESSAGE)
+        except ConnectionRefusedError as exc:
+            if attempt == attempts:
+                raise CallbackError(f"gateway at {where} refused {attempts} connections: {exc}") from exc
+            time.sleep(0.2 * attempt)
+        except (OSError, ValueError) as exc:
+            raise CallbackError(f"cannot deliver connection info to {where}: {exc!r}") from exc
+    raise CallbackError(f"cannot deliver connection info to {where}: no attempts")
+
+
+# --- control listener ----------------------------------------------------------------------------
+
+
+def _recv_line(sock: socket.socket, deadline: float, limit: int) -> bytes:
+    """Read one ``\\n``-terminated line (or up to EOF) within ``deadline``; at most ``limit`` bytes."""
+    buf = b""
+    while b"\n" not in buf:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("timed out")
+        sock.settimeout(remaining)
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        buf += chunk
+        if len(buf) > limit:
+            raise ValueError(f"line longer than {limit} bytes")
+    return buf.split(b"\n", 1)[0]
+
+
+def canonical_request(op: str, args: dict[str, Any]) -> str:
+    """The signed form of a control request."""
+    return json.dumps({"op": op, "args": args}, sort_keys=True, separators=(",", ":"))
+
+
+def request_mac(secret: bytes, challenge: str, op: str, args: dict[str, Any]) -> str:
+    """hex HMAC-SHA256(secret, challenge + "\\n" + canonical)."""
+    message = f"{challenge}\n{canonical_request(op, args)}".encode()
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()
+
+
+class ControlListener:
+    """Authenticated control listener (poll / signal / shutdown) for one kernel process."""
+
+    def __init__(
+        self,
+        pid: int,
+        pgid: int,
+        port: int = 0,
+        ip: str = "0.0.0.0",
+        secret: bytes | None = None,
+        timeout: float = 5.0,
+        max_connections: int = 16,
+    ) -> None:
+        self.pid, self.pgid, self.timeout = pid, pgid, timeout
+        self.secret = secret or secrets.token_bytes(32)
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._sock = _socket_for(ip)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((ip, port))
+        self._sock.listen(16)
+        self.port: int = self._sock.getsockname()[1]
+        self._thread = threading.Thread(target=self._serve, name="control-listener", daemon=True)
+
+    @property
+    def secret_hex(self) -> str:
+        return self.secret.hex()
+
+    def start(self) -> None:
+        """Serve in a daemon thread."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Close the listening socket; the serving thread ends."""
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, peer = self._sock.accept()
+            except OSError:
+                return  # socket closed by stop()
+            if not self._slots.acquire(blocking=False):
+                log.warning("control connection from %s dropped: too many connections", peer)
+                conn.close()
+                continue
+            threading.Thread(target=self._handle, args=(conn, peer), daemon=True).start()
+
+    def _handle(self, conn: socket.socket, peer: Any) -> None:
+        after: Callable[[], None] | None = None
+        try:
+            with conn:
+                challenge = secrets.token_hex(16)
+                conn.settimeout(self.timeout)
+                conn.sendall(json.dumps({"challenge": challenge}).encode() + b"\n")
+                line = _recv_line(conn, time.monotonic() + self.timeout, MAX_MESSAGE)
+                op, args = self._authenticate(challenge, line)
+                reply, after = self._dispatch(op, args)
+                conn.sendall(json.dumps(reply).encode() + b"\n")
+            if after:
+                after()
+        except _Ignored as exc:
+            log.warning("control request from %s ignored: %s", peer, exc)
+        except Exception as exc:  # never let a client take the thread down
+            log.warning("control connection from %s failed: %r", peer, exc)
+        finally:
+            self._slots.release()
+
+    def _authenticate(self, challenge: str, line: bytes) -> tuple[str, dict[str, Any]]:
+        try:
+            request = json.loads(line)
+        except ValueError:
+            raise _Ignored("bad JSON") from None
+        if not isinstance(request, dict):
+            raise _Ignored("bad JSON: not an object")
+        op, args, mac = request.get("op"), request.get("args", {}), request.get("mac")
+        if not isinstance(op, str) or not isinstance(args, dict) or not isinstance(mac, str):
+            raise _Ignored("bad request: need op (str), args (object), mac (str)")
+        if not hmac.compare_digest(mac, request_mac(self.secret, challenge, op, args)):
+            raise _Ignored(f"bad MAC for op {op!r}")
+        if op not in CONTROL_OPS:
+            raise _Ignored(f"unknown op {op!r}")
+        return op, args
+
+    def _dispatch(self, op: str, args: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], None] | None]:
+        if op == "poll":
+            return {"ok": True, "alive": pid_alive(self.pid)}, None
+        if op == "shutdown":
+            log.info("control: shutdown of process group %d", self.pgid)
+            return {"ok": True}, self._terminate_group
+        signum, group = args.get("signum"), args.get("group", False)
+        if not isinstance(signum, int) or signum not in signal.valid_signals() or not isinstance(group, bool):
+            return {"ok": False, "error": f"bad signal args {args!r}"}, None
+        try:
+            if group:
+                os.killpg(self.pgid, signum)
+            else:
+                os.kill(self.pid, signum)
+        except OSError as exc:
+            return {"ok": False, "error": f"signal {signum} failed: {exc}"}, None
+        target = f"process group {self.pgid}" if group else f"pid {self.pid}"
+        log.info("control: sent signal %d to %s", signum, target)
+        return {"ok": True}, None
+
+    def _terminate_group(self) -> None:
+        """SIGTERM the group now, SIGKILL after the grace period (from a helper outside the group)."""
+        killer = f"import os,time\ntime.sleep({SHUTDOWN_GRACE})\ntry: os.killpg({self.pgid}, 9)\nexcept OSError: pass"
+        subprocess.Popen(
+            [sys.executable, "-c", killer],
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            os.killpg(self.pgid, signal.SIGTERM)
+        except OSError as exc:
+            log.warning("SIGTERM to process group %d failed: %s", self.pgid, exc)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie (reaps it if it is our child)."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return True  # no procfs: trust kill(0)
+
+
+# --- standalone ----------------------------------------------------------------------------------
+
+
+def configure_logging() -> None:
+    """Log to a duplicate of the current stderr (so a kernel capturing fd 2 does not forward our logs)."""
+    stream = os.fdopen(os.dup(2), "w", buffering=1)
+    logging.basicConfig(stream=stream, level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def take_launch_token() -> str:
+    """Remove GP_LAUNCH_TOKEN from the environment and return it; exit 2 if it is missing."""
+    token = os.environ.pop("GP_LAUNCH_TOKEN", "")
+    if not token:
+        print("error: GP_LAUNCH_TOKEN is not set; the gateway must export it for each launch", file=sys.stderr)
+        sys.exit(2)
+    return token
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write the connection file, call back with PID's details, serve control until PID exits."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kernel-id", required=True)
+    parser.add_argument("--response-address", required=True)
+    parser.add_argument("--public-key", required=True)
+    parser.add_argument("--port-range", default="0..0")
+    parser.add_argument("--connection-file", required=True)
+    parser.add_argument("--pid", type=int, required=True)
+    parser.add_argument("--ip", default="0.0.0.0")
+    args = parser.parse_args(argv)
+    token = take_launch_token()
+    configure_logging()
+
+    pgid = os.getpgid(args.pid)
+    ports = select_ports(args.port_range, len(KERNEL_PORT_NAMES) + 1, args.ip)
+    info = build_connection_info(ports[:-1], args.ip)
+    write_connection_file(args.connection_file, info)
+    listener = ControlListener(args.pid, pgid, port=ports[-1], ip=args.ip)
+    listener.start()
+    try:
+        fields = payload_fields(args.kernel_id, info, args.pid, pgid, listener, args.connection_file)
+        send_connection_info(args.response_address, args.public_key, args.kernel_id, token, fields)
+        log.info("connection info sent for kernel %s; serving control on port %d", args.kernel_id, listener.port)
+        while pid_alive(args.pid):
+            time.sleep(0.2)
+        log.info("process %d exited; listener stops", args.pid)
+    except CallbackError as exc:
+        log.error("%s", exc)
+        return 1
+    finally:
+        listener.stop()
+        remove_file(args.connection_file)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

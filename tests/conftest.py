@@ -1,0 +1,118 @@
+"""Shared fixtures: real SSH hosts (network namespaces), installed kernelspecs, kernel managers."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from jupyter_client import AsyncKernelManager
+from jupyter_client.kernelspec import KernelSpecManager
+from traitlets.config import Config
+
+from spark_gateway.specs import write_spec
+from tests.hostlab import HostLab, LabHost
+
+USER_ENV = {"KERNEL_USERNAME": "alice"}  # the gateway runs as root here; root is refused by default
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[HostLab]:
+    """Three real SSH hosts, each in its own network, mount and UTS namespace."""
+    lab = HostLab.start(3)
+    try:
+        yield lab
+    finally:
+        lab.stop()
+
+
+@pytest.fixture(scope="session")
+def kernels_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A kernels directory on the filesystem the lab hosts share with us, holding `ssh_python`."""
+    root = tmp_path_factory.mktemp("kernels")
+    write_spec(root / "ssh_python")
+    return root
+
+
+def add_spec(kernels_dir: Path, name: str, edit: Callable[[dict], None]) -> str:
+    """A variant of `ssh_python` with kernel.json edited by `edit`."""
+    path = write_spec(kernels_dir / name, replace=True)
+    spec = json.loads((path / "kernel.json").read_text())
+    edit(spec)
+    (path / "kernel.json").write_text(json.dumps(spec))
+    return name
+
+
+def gateway_config(lab: HostLab, **overrides: Any) -> Config:
+    cfg = Config()
+    cfg.DistributedProvisioner.ssh_config_file = str(lab.ssh_config)
+    cfg.DistributedProvisioner.remote_hosts = [h.name for h in lab.hosts]
+    for key, value in overrides.items():
+        setattr(cfg.DistributedProvisioner, key, value)
+    return cfg
+
+
+@pytest_asyncio.fixture
+async def managers(lab: HostLab, kernels_dir: Path) -> AsyncIterator[Callable[..., AsyncKernelManager]]:
+    """Factory of kernel managers on the lab; every kernel still running at the end is shut down."""
+    made: list[AsyncKernelManager] = []
+
+    def make(kernel_name: str = "ssh_python", **config: Any) -> AsyncKernelManager:
+        km = AsyncKernelManager(
+            kernel_name=kernel_name,
+            kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernels_dir)]),
+            config=gateway_config(lab, **config),
+        )
+        made.append(km)
+        return km
+
+    yield make
+    for km in made:
+        if km.has_kernel:
+            await km.shutdown_kernel(now=True)
+
+
+def host_named(lab: HostLab, name: str) -> LabHost:
+    return next(h for h in lab.hosts if h.name == name)
+
+
+def kernel_processes(host: LabHost, kernel_id: str) -> list[tuple[int, str]]:
+    return [(pid, cmd) for pid, cmd in host.processes() if kernel_id in cmd]
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+async def execute(km: AsyncKernelManager, code: str, timeout: float = 60) -> tuple[str, dict]:
+    """Run `code` in the kernel; returns (stdout text, execute_reply content)."""
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=60)
+        out: list[str] = []
+
+        def hook(msg: dict) -> None:
+            if msg["msg_type"] == "stream":
+                out.append(msg["content"]["text"])
+            elif msg["msg_type"] == "error":
+                out.append("\n".join(msg["content"]["traceback"]))
+
+        reply = await kc.execute_interactive(code, timeout=timeout, output_hook=hook)
+        return "".join(out), reply["content"]
+    finally:
+        kc.stop_channels()
+
+
+def env(**extra: str) -> dict[str, str]:
+    return {**os.environ, **USER_ENV, **extra}

@@ -1,0 +1,330 @@
+"""Callback and control protocols over real sockets on 127.0.0.1 (docs/design.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from spark_gateway.callback import MAX_PAYLOAD, PayloadError, ResponseServer, decrypt_payload, generate_key_pair
+from spark_gateway.control import ControlError, control_request, request_mac
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "kernel-launchers" / "shared" / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+import server_listener as sl  # noqa: E402
+
+LOCAL = "127.0.0.1"
+
+
+@pytest.fixture(scope="module")
+def private_key() -> Any:
+    return generate_key_pair()
+
+
+@pytest_asyncio.fixture
+async def server(private_key: Any) -> AsyncIterator[tuple[ResponseServer, int]]:
+    srv = ResponseServer(private_key, read_timeout=1.0)
+    port = await srv.listen(LOCAL, 0)
+    yield srv, port
+    await srv.close()
+
+
+def fields(kernel_id: str) -> dict[str, Any]:
+    """Plausible callback fields (everything but kernel_id and launch_token)."""
+    return {
+        "connection_info": sl.build_connection_info([10001, 10002, 10003, 10004, 10005], LOCAL),
+        "pid": 4242,
+        "pgid": 4242,
+        "hostname": "host-a",
+        "listener_port": 10006,
+        "listener_secret": secrets.token_hex(32),
+        "connection_file": f"/tmp/kernel-{kernel_id}.json",
+        "log_file": None,
+    }
+
+
+def sealed(srv: ResponseServer, kernel_id: str, token: str) -> tuple[bytes, dict[str, Any]]:
+    plaintext = {"kernel_id": kernel_id, "launch_token": token, **fields(kernel_id)}
+    return sl.encrypt_payload(srv.public_key_b64, kernel_id, plaintext), plaintext
+
+
+def tamper(raw: bytes, field: str, value: Any = None) -> bytes:
+    """Flip the last byte of a base64 field, or set ``field`` to ``value``."""
+    envelope = json.loads(raw)
+    if value is None:
+        data = bytearray(base64.b64decode(envelope[field]))
+        data[-1] ^= 0x01
+        value = base64.b64encode(bytes(data)).decode()
+    envelope[field] = value
+    return json.dumps(envelope).encode()
+
+
+async def send_raw(port: int, data: bytes) -> dict[str, Any] | None:
+    """Send ``data`` as one callback; the reply, or None if the server reset the connection."""
+    reader, writer = await asyncio.open_connection(LOCAL, port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        writer.write_eof()
+        line = await asyncio.wait_for(reader.readline(), 5)
+        return json.loads(line)
+    except ConnectionResetError:
+        return None
+    finally:
+        writer.close()
+
+
+@pytest.mark.asyncio
+async def test_round_trip_resolves_future(server: tuple[ResponseServer, int]) -> None:
+    srv, port = server
+    token = secrets.token_hex(32)
+    future = srv.register("k1", token)
+    payload = fields("k1")
+    await asyncio.to_thread(sl.send_connection_info, f"{LOCAL}:{port}", srv.public_key_b64, "k1", token, payload)
+    assert future.done()
+    assert await future == {"kernel_id": "k1", "launch_token": token, **payload}
+
+
+Case = Callable[[ResponseServer, str], bytes]
+BAD_CASES: dict[str, tuple[Case, str]] = {
+    "garbage": (lambda srv, token: b"\x00\xffnot json{", "not JSON"),
+    "oversize": (lambda srv, token: b" " * (MAX_PAYLOAD + 1), "larger than"),
+    "ciphertext": (lambda srv, token: tamper(sealed(srv, "kb", token)[0], "data"), "authentication failed"),
+    "tag": (lambda srv, token: tamper(sealed(srv, "kb", token)[0], "tag"), "authentication failed"),
+    "wrapped key": (lambda srv, token: tamper(sealed(srv, "kb", token)[0], "key"), "cannot unwrap"),
+    "swapped kernel id": (
+        lambda srv, token: tamper(sealed(srv, "kb", token)[0], "kernel_id", "kgood"),
+        "authentication failed",
+    ),
+    "wrong token": (lambda srv, token: sealed(srv, "kb", secrets.token_hex(32))[0], "wrong launch token"),
+    "unregistered": (lambda srv, token: sealed(srv, "nobody", token)[0], "not registered"),
+}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("case", [*BAD_CASES, "replay"])
+async def test_bad_payload_rejected_and_server_keeps_serving(
+    server: tuple[ResponseServer, int], case: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    srv, port = server
+    token, good_token = secrets.token_hex(32), secrets.token_hex(32)
+    bad_future = srv.register("kb", token)
+    good_future = srv.register("kgood", good_token)
+    if case == "replay":
+        data, _ = sealed(srv, "kb", token)
+        assert await send_raw(port, data) == {"ok": True}
+        assert bad_future.done()
+        reason = "replay"
+    else:
+        make, reason = BAD_CASES[case]
+        data = make(srv, token)
+
+    with caplog.at_level(logging.WARNING, logger="spark_gateway.callback"):
+        reply = await send_raw(port, data)
+    if reply is not None or case != "oversize":  # an oversize sender may see a reset instead of the reply
+        assert reply is not None and reply["ok"] is False and reason in reply["error"]
+    assert any(reason in r.getMessage() and LOCAL in r.getMessage() for r in caplog.records), caplog.text
+    assert not good_future.done()
+    assert (case == "replay") == bad_future.done()
+
+    data, plaintext = sealed(srv, "kgood", good_token)
+    assert await send_raw(port, data) == {"ok": True}
+    assert await asyncio.wait_for(good_future, 1) == plaintext
+
+
+@pytest.mark.asyncio
+async def test_silent_client_does_not_block_others(server: tuple[ResponseServer, int]) -> None:
+    srv, port = server
+    token = secrets.token_hex(32)
+    future = srv.register("k1", token)
+    silent_reader, silent_writer = await asyncio.open_connection(LOCAL, port)
+    started = time.monotonic()
+    assert await send_raw(port, sealed(srv, "k1", token)[0]) == {"ok": True}
+    assert future.done() and time.monotonic() - started < 0.5  # read_timeout is 1 s
+    reply = json.loads(await asyncio.wait_for(silent_reader.readline(), 3))
+    assert reply["ok"] is False and "no complete payload" in reply["error"]
+    silent_writer.close()
+
+
+@pytest.mark.asyncio
+async def test_unregister_cancels_and_rejects(server: tuple[ResponseServer, int]) -> None:
+    srv, port = server
+    token = secrets.token_hex(32)
+    future = srv.register("k1", token)
+    srv.unregister("k1")
+    assert future.cancelled()
+    reply = await send_raw(port, sealed(srv, "k1", token)[0])
+    assert reply is not None and reply["ok"] is False and "not registered" in reply["error"]
+
+
+@pytest.mark.asyncio
+async def test_listen_skips_port_in_use(private_key: Any) -> None:
+    blocker = ResponseServer(private_key)
+    srv = ResponseServer(private_key)
+    try:
+        taken = await blocker.listen(LOCAL, 0)
+        bound = await srv.listen(LOCAL, taken, port_retries=10)
+        assert taken < bound <= taken + 10
+    finally:
+        await blocker.close()
+        await srv.close()
+
+
+def test_decrypt_with_other_key_fails(private_key: Any) -> None:
+    other = ResponseServer(generate_key_pair())
+    data, _ = sealed(other, "k1", "t")
+    with pytest.raises(PayloadError, match="cannot unwrap"):
+        decrypt_payload(private_key, data)
+    assert decrypt_payload(other.private_key, data)[0] == "k1"
+
+
+def test_sender_reports_refusal() -> None:
+    srv = ResponseServer(generate_key_pair())
+    with pytest.raises(sl.CallbackError, match="refused"):
+        sl.send_connection_info(f"{LOCAL}:1", srv.public_key_b64, "k1", "t", fields("k1"), attempts=2)
+
+
+# --- control listener, standalone in a subprocess --------------------------------------------------
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+class Standalone:
+    """A `sleep` child watched by a standalone server_listener.py, and the callback it sent."""
+
+    def __init__(self, target: subprocess.Popen[bytes], listener: subprocess.Popen[bytes], log: Path) -> None:
+        self.target, self.listener, self.log = target, listener, log
+        self.info: dict[str, Any] = {}
+
+    async def request(self, op: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+        return await control_request(LOCAL, self.info["listener_port"], self.info["listener_secret"], op, args)
+
+    def logged(self, text: str) -> bool:
+        return text in self.log.read_text()
+
+
+@pytest_asyncio.fixture
+async def standalone(server: tuple[ResponseServer, int], tmp_path: Path) -> AsyncIterator[Standalone]:
+    srv, port = server
+    token = secrets.token_hex(32)
+    future = srv.register("ks", token)
+    target = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    log = tmp_path / "listener.log"
+    argv = [sys.executable, str(SCRIPTS / "server_listener.py"), "--kernel-id", "ks"]
+    argv += ["--response-address", f"{LOCAL}:{port}", "--public-key", srv.public_key_b64, "--ip", LOCAL]
+    argv += ["--port-range", "0..0", "--connection-file", str(tmp_path / "kernel-ks.json"), "--pid", str(target.pid)]
+    with log.open("wb") as out:
+        listener = subprocess.Popen(argv, env={**os.environ, "GP_LAUNCH_TOKEN": token}, stderr=out)
+    proc = Standalone(target, listener, log)
+    try:
+        proc.info = await asyncio.wait_for(future, 15)
+        yield proc
+    finally:
+        for p in (target, listener):
+            p.kill()
+            p.wait()
+
+
+@pytest.mark.asyncio
+async def test_standalone_reports_and_answers_poll(standalone: Standalone, tmp_path: Path) -> None:
+    info = standalone.info
+    assert (info["pid"], info["pgid"]) == (standalone.target.pid, standalone.target.pid)
+    connection_file = Path(info["connection_file"])
+    assert connection_file == tmp_path / "kernel-ks.json"
+    assert connection_file.stat().st_mode & 0o777 == 0o600
+    assert json.loads(connection_file.read_text()) == info["connection_info"]
+    assert await standalone.request("poll") == {"ok": True, "alive": True}
+
+
+@pytest.mark.asyncio
+async def test_signal_op_delivers_signal_and_listener_follows_exit(standalone: Standalone) -> None:
+    assert await standalone.request("signal", {"signum": int(signal.SIGTERM), "group": False}) == {"ok": True}
+    assert await asyncio.to_thread(standalone.target.wait, 5) == -signal.SIGTERM
+    assert await asyncio.to_thread(standalone.listener.wait, 5) == 0
+    assert not Path(standalone.info["connection_file"]).exists()
+
+
+async def raw_exchange(port: int, make_line: Callable[[str], bytes]) -> tuple[str, bytes]:
+    """Read the challenge, send make_line(challenge); return (challenge, whatever comes back before EOF)."""
+    reader, writer = await asyncio.open_connection(LOCAL, port)
+    try:
+        challenge = json.loads(await reader.readline())["challenge"]
+        writer.write(make_line(challenge))
+        await writer.drain()
+        return challenge, await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+
+
+@pytest.mark.asyncio
+async def test_unauthenticated_requests_are_logged_and_ignored(standalone: Standalone) -> None:
+    port, secret = standalone.info["listener_port"], bytes.fromhex(standalone.info["listener_secret"])
+    kill = {"signum": int(signal.SIGKILL), "group": True}
+
+    def signed(challenge: str, op: str = "signal", key: bytes = secret) -> bytes:
+        return json.dumps({"op": op, "args": kill, "mac": request_mac(key, challenge, op, kill)}).encode() + b"\n"
+
+    silent = await asyncio.open_connection(LOCAL, port)  # says nothing: must not hold up the others
+    started = time.monotonic()
+    _, answer = await raw_exchange(port, lambda c: signed(c, key=secrets.token_bytes(32)))
+    assert answer == b""
+    # a request signed for an earlier challenge (a captured request) is replayed on a new connection
+    old_challenge, _ = await raw_exchange(port, lambda c: b"\n")
+    _, answer = await raw_exchange(port, lambda c: signed(old_challenge))
+    assert answer == b""
+    _, answer = await raw_exchange(port, lambda c: signed(c, op="reboot"))
+    assert answer == b""
+    _, answer = await raw_exchange(port, lambda c: b"{not json\n")
+    assert answer == b""
+
+    assert await standalone.request("poll") == {"ok": True, "alive": True}
+    assert time.monotonic() - started < 2.5  # the listener's per-connection timeout is 5 s
+    assert standalone.target.poll() is None
+    assert wait_until(lambda: standalone.log.read_text().count("bad MAC") == 2), standalone.log.read_text()
+    assert standalone.logged("unknown op 'reboot'") and standalone.logged("bad JSON")
+    silent[1].close()
+
+
+@pytest.mark.asyncio
+async def test_control_request_errors_name_the_listener(standalone: Standalone) -> None:
+    port = standalone.info["listener_port"]
+    with pytest.raises(ControlError, match=f"{LOCAL}:{port}.*closed"):
+        await control_request(LOCAL, port, secrets.token_hex(32), "poll")
+    with pytest.raises(ControlError, match="bad signal args"):
+        await standalone.request("signal", {"signum": "TERM"})
+    with pytest.raises(ControlError, match=f"{LOCAL}:1"):
+        await control_request(LOCAL, 1, secrets.token_hex(32), "poll", timeout=1)
+
+
+def test_listener_thread_survives_garbage_in_process() -> None:
+    """In-process: a client that vanishes mid-request does not kill the serving thread."""
+    listener = sl.ControlListener(os.getpid(), os.getpgid(0), ip=LOCAL, timeout=0.5)
+    listener.start()
+    try:
+        with socket.create_connection((LOCAL, listener.port)) as sock:
+            sock.recv(100)
+        reply = asyncio.run(control_request(LOCAL, listener.port, listener.secret_hex, "poll"))
+        assert reply == {"ok": True, "alive": True}
+    finally:
+        listener.stop()
