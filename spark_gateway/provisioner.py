@@ -33,7 +33,7 @@ class ProvisionerError(web.HTTPError):
     """A refused or failed kernel start: an HTTP status for REST clients, and a message saying what to do."""
 
     def __init__(self, status: int, message: str) -> None:
-        super().__init__(status, "%s", message)
+        super().__init__(status, message)  # no format args: jupyter_server's API replies carry it verbatim
         self.message = message
 
     def __str__(self) -> str:
@@ -62,6 +62,14 @@ def parse_port_range(value: str) -> tuple[int, int]:
     if upper - lower < 1000:
         raise ValueError(f"port_range {value!r} spans {upper - lower} ports; it must span at least 1000")
     return lower, upper
+
+
+def _trait_checked(check: Any, value: Any) -> Any:
+    """Run a validator, turning its ValueError into the TraitError traitlets reports."""
+    try:
+        return check(value)
+    except ValueError as exc:
+        raise TraitError(str(exc)) from None
 
 
 @dataclass
@@ -117,11 +125,11 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     @default("remote_hosts")
     def _remote_hosts_default(self) -> list[str]:
-        return _env_list("GP_REMOTE_HOSTS", ["localhost"])
+        return _trait_checked(parse_hosts, _env_list("GP_REMOTE_HOSTS", ["localhost"]))
 
     @default("load_balancing_algorithm")
     def _lb_default(self) -> str:
-        return os.environ.get("GP_LOAD_BALANCING_ALGORITHM", "round-robin")
+        return _trait_checked(check_algorithm, os.environ.get("GP_LOAD_BALANCING_ALGORITHM", "round-robin"))
 
     @default("launch_timeout")
     def _launch_timeout_default(self) -> float:
@@ -129,7 +137,9 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     @default("port_range")
     def _port_range_default(self) -> str:
-        return os.environ.get("GP_PORT_RANGE", "0..0")
+        value = os.environ.get("GP_PORT_RANGE", "0..0")
+        _trait_checked(parse_port_range, value)
+        return value
 
     @default("authorized_users")
     def _authorized_default(self) -> set[str]:
@@ -189,24 +199,15 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     @validate("load_balancing_algorithm")
     def _check_algorithm(self, proposal: Any) -> str:
-        try:
-            return check_algorithm(proposal["value"])
-        except PlacementError as exc:
-            raise TraitError(str(exc)) from None
+        return _trait_checked(check_algorithm, proposal["value"])
 
     @validate("remote_hosts")
     def _check_hosts(self, proposal: Any) -> list[str]:
-        try:
-            return parse_hosts(proposal["value"])
-        except ValueError as exc:
-            raise TraitError(str(exc)) from None
+        return _trait_checked(parse_hosts, proposal["value"])
 
     @validate("port_range")
     def _check_port_range(self, proposal: Any) -> str:
-        try:
-            parse_port_range(proposal["value"])
-        except ValueError as exc:
-            raise TraitError(str(exc)) from None
+        _trait_checked(parse_port_range, proposal["value"])
         return proposal["value"]
 
     # -- state of the kernel this instance manages (all of it in get_provisioner_info) --

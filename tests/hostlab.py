@@ -169,7 +169,7 @@ def _kill(pids: list[int], timeout: float = 2.0) -> None:
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, timeout)):
         live = [pid for pid in pids if _alive(pid)]
         for pid in live:
-            with contextlib.suppress(ProcessLookupError):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
         if _wait_until(lambda live=live: not any(_alive(p) for p in live), wait):
             return
@@ -248,12 +248,17 @@ def _lab_dirs(runid: str) -> list[Path]:
 
 
 def _is_live_run(runid: str) -> bool:
-    """A run is live while its owner holds the ``flock`` on its temp dir."""
+    """A run is live while its owner holds the ``flock`` on its temp dir.
+
+    A dir we may not open (another user's lab) counts as live.
+    """
     for lab_dir in _lab_dirs(runid):
         try:
             fd = os.open(lab_dir, os.O_RDONLY)
-        except OSError:
+        except FileNotFoundError:
             continue
+        except OSError:
+            return True
         try:
             if not _try_lock(fd):
                 return True
@@ -377,8 +382,11 @@ class LabHost:
         return self._sshd.pid if self._sshd is not None and self._sshd.poll() is None else None
 
     def _nsenter(self) -> list[str]:
-        if self._keeper is None:
+        """Command prefix that enters the host's namespaces ([] in loopback mode)."""
+        if self.netns is None:
             return []
+        if self._keeper is None:
+            raise HostLabError(f"{self.name} has been torn down")
         return ["nsenter", "-t", str(self._keeper.pid), "-n", "-m", "-u", "--"]
 
     def run(
@@ -814,8 +822,9 @@ class HostLab:
             except Exception as exc:  # keep tearing down the other hosts
                 errors.append(f"{host.name}: {exc}")
         if self.mode == "netns":
-            # The probe namespace exists even if host creation failed half-way.
-            _run(["ip", "netns", "delete", f"{NETNS_PREFIX}{self.runid}-1"], check=False)
+            probe = f"{NETNS_PREFIX}{self.runid}-1"  # exists even if host creation failed early
+            if (NETNS_DIR / probe).exists():
+                _run(["ip", "netns", "delete", probe], check=False)
             with _global_lock():
                 _remove_bridge_if_unused()
         if self._lock_fd is not None:

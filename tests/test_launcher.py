@@ -184,11 +184,14 @@ async def test_control_shutdown_kills_process_group(launcher: Launcher) -> None:
 
 
 @pytest.mark.asyncio
-async def test_bad_kernel_class_exits_with_message(launcher: Launcher) -> None:
-    proc, info, _ = await launcher.launch("k3", "--kernel-class-name", "no_such_module.Kernel")
-    assert await wait_exit(proc, 30) != 0
+async def test_bad_kernel_class_exits_before_calling_back(launcher: Launcher) -> None:
+    token = secrets.token_hex(32)
+    payload = launcher.server.register("k3", token)
+    proc = launcher.start("k3", "--kernel-class-name", "no_such_module.Kernel", token=token)
+    assert await wait_exit(proc, 30) == 1
     assert "cannot import kernel class 'no_such_module.Kernel'" in launcher.log("k3").read_text()
-    assert not Path(info["connection_file"]).exists()
+    assert not payload.done()  # it never reported success
+    assert not (launcher.tmp / "runtime" / "kernel-k3.json").exists()
 
 
 @pytest.mark.asyncio

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import env, execute, gateway_config, host_named, kernel_processes, wait_for
+from tests.conftest import env, execute, kernel_processes, wait_for
 
 pytestmark = pytest.mark.asyncio
 

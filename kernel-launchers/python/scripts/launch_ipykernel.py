@@ -1,8 +1,8 @@
 """Start an ipykernel on this host and report its connection info to the spark_gateway (see docs/design.md).
 
-Order is tuned for time-to-ready: ports, connection file and control listener first, then the callback, and
-only then the heavy ipykernel import, which overlaps with the gateway's work (ZMQ clients retry until the
-kernel binds).
+Order: the kernel class (and ipykernel) is imported first, so that a broken environment ends the launch before it
+reports success and the gateway fails the start at once with the log tail; then ports, connection file, control
+listener and the callback; the kernel binds right after (ZMQ clients retry until it does).
 """
 
 from __future__ import annotations
@@ -86,12 +86,17 @@ def main(argv: list[str] | None = None) -> None:
     token = sl.take_launch_token()
     sl.configure_logging()
 
+    # Import errors and bad kernel classes must kill the launch before it reports success: the gateway then
+    # fails the start at once with this process's exit status and log tail.
+    kernel_class = import_kernel_class(args.kernel_class_name)
+    from ipykernel.kernelapp import IPKernelApp
+
     pid, pgid = os.getpid(), os.getpgid(0)
     ports = sl.select_ports(args.port_range, len(sl.KERNEL_PORT_NAMES) + 1, args.ip)
     info = sl.build_connection_info(ports[:-1], args.ip)
     path = connection_file_path(args.kernel_id)
-    sl.write_connection_file(str(path), info)
     remove_on_exit(path)
+    sl.write_connection_file(str(path), info)
     listener = sl.ControlListener(pid, pgid, port=ports[-1], ip=args.ip)
     listener.start()
 
@@ -99,14 +104,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         sl.send_connection_info(args.response_address, args.public_key, args.kernel_id, token, fields)
     except sl.CallbackError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(f"error: {exc}")
 
-    kernel_class = import_kernel_class(args.kernel_class_name)
     if args.spark_context_initialization_mode != "none":
         initialize_spark(args.spark_context_initialization_mode)
-
-    from ipykernel.kernelapp import IPKernelApp
 
     # The app ignores SIGINT except while a cell runs, where SIGINT raises KeyboardInterrupt.
     IPKernelApp.launch_instance(argv=["-f", str(path)], kernel_class=kernel_class)
