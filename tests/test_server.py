@@ -32,12 +32,13 @@ def server(lab, kernels_dir, tmp_path_factory) -> Iterator[str]:
     (root / "jp" / "kernels").mkdir(parents=True)
     (root / "jp" / "kernels" / "ssh_python").symlink_to(kernels_dir / "ssh_python")
     port = _free_port()
+    log = (root / "server.log").open("w")
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "jupyter"), "server", "--no-browser", f"--port={port}",
          "--ip=127.0.0.1", "--allow-root", f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={root}"],
         env=env(JUPYTER_PATH=str(root / "jp"), JUPYTER_CONFIG_DIR=str(root / "cfg"),
                 GP_REMOTE_HOSTS=",".join(h.name for h in lab.hosts), GP_SSH_CONFIG_FILE=str(lab.ssh_config)),
-        stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "w"),
+        stdout=subprocess.DEVNULL, stderr=log,
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -54,6 +55,7 @@ def server(lab, kernels_dir, tmp_path_factory) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(20)
+        log.close()
 
 
 def _auth() -> dict[str, str]:
@@ -90,15 +92,15 @@ async def test_rest_lifecycle_on_remote_hosts(lab, server):
     r = requests.post(f"{server}/api/kernels", json={"name": "ssh_python"}, headers=_auth(), timeout=60)
     assert r.status_code == 201, r.text
     kernel_id = r.json()["id"]
-    where = (await _run_code(server, kernel_id, "import socket, os; print(socket.gethostname(), os.getpid())"))
-    hostname, pid = where.split()
+    whoami = "import socket, os; print(socket.gethostname(), os.getpid())"
+    hostname, pid = (await _run_code(server, kernel_id, whoami)).split()
     host = next(h for h in lab.hosts if h.hostname == hostname)
     assert any(p == int(pid) for p, _ in host.processes())
 
     assert requests.post(f"{server}/api/kernels/{kernel_id}/interrupt", headers=_auth(), timeout=30).status_code == 204
     r = requests.post(f"{server}/api/kernels/{kernel_id}/restart", headers=_auth(), timeout=60)
     assert r.status_code == 200, r.text
-    hostname2, pid2 = (await _run_code(server, kernel_id, "import socket, os; print(socket.gethostname(), os.getpid())")).split()
+    hostname2, pid2 = (await _run_code(server, kernel_id, whoami)).split()
     assert hostname2 == hostname and pid2 != pid
 
     assert requests.delete(f"{server}/api/kernels/{kernel_id}", headers=_auth(), timeout=60).status_code == 204
