@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     token = sl.take_launch_token()
     sl.configure_logging()
+    sender = sl.CallbackSender(args.response_address, args.public_key, args.kernel_id, token)
 
     # Import errors and bad kernel classes must kill the launch before it reports success: the gateway then
     # fails the start at once with this process's exit status and log tail.
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
 
     fields = sl.payload_fields(args.kernel_id, info, pid, pgid, listener, str(path))
     try:
-        sl.send_connection_info(args.response_address, args.public_key, args.kernel_id, token, fields)
+        sender.send(fields)
     except sl.CallbackError as exc:
         sys.exit(f"error: {exc}")
 

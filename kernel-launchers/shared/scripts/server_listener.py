@@ -29,10 +29,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from Crypto.Cipher import AES, PKCS1_OAEP
-from Crypto.Hash import SHA256
-from Crypto.PublicKey import RSA
-
 log = logging.getLogger("server_listener")
 
 PROTOCOL_VERSION = 1
@@ -146,6 +142,11 @@ def payload_fields(
 
 def encrypt_payload(public_key_b64: str, kernel_id: str, plaintext: dict[str, Any]) -> bytes:
     """Seal ``plaintext`` into a v1 envelope: AES-256-GCM, key wrapped with RSA-OAEP-SHA256."""
+    # Imported here: pycryptodome costs ~40 ms to import; CallbackSender pays it in a helper process.
+    from Crypto.Cipher import AES, PKCS1_OAEP
+    from Crypto.Hash import SHA256
+    from Crypto.PublicKey import RSA
+
     rsa_key = RSA.import_key(base64.b64decode(public_key_b64))
     aes_key = secrets.token_bytes(32)
     nonce = secrets.token_bytes(12)
@@ -195,6 +196,49 @@ def send_connection_info(
     if not isinstance(answer, dict) or answer.get("ok") is not True:
         error = answer.get("error") if isinstance(answer, dict) else reply[:200]
         raise CallbackError(f"gateway at {response_address} rejected the connection info: {error}")
+
+
+class CallbackSender:
+    """Sends the callback from a process forked at launch, which imports pycryptodome on another core while the
+    launcher imports its kernel; it sends only when `send` hands it the payload fields.
+
+    Fork it before any thread exists. If the launcher dies first, the helper reads EOF and exits silently.
+    """
+
+    def __init__(self, response_address: str, public_key_b64: str, kernel_id: str, launch_token: str) -> None:
+        self.args = (response_address, public_key_b64, kernel_id, launch_token)
+        to_child, self._request = os.pipe()
+        self._reply, from_child = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:  # the helper
+            os.close(self._request)
+            os.close(self._reply)
+            os._exit(self._serve(to_child, from_child))
+        os.close(to_child)
+        os.close(from_child)
+
+    def _serve(self, requests: int, replies: int) -> int:
+        try:
+            encrypt_payload(self.args[1], self.args[2], {})  # warm imports and native libraries meanwhile
+            with os.fdopen(requests, "rb") as pipe:
+                data = pipe.read()
+            if not data:
+                return 0
+            send_connection_info(*self.args, json.loads(data))
+            os.write(replies, b"ok")
+        except BaseException as exc:  # the parent reports it
+            os.write(replies, f"{exc}".encode()[:4000] or b"callback failed")
+        return 0
+
+    def send(self, payload_fields: dict[str, Any]) -> None:
+        """Hand over the payload and wait for the gateway's answer; raise CallbackError on failure."""
+        os.write(self._request, json.dumps(payload_fields).encode())
+        os.close(self._request)
+        with os.fdopen(self._reply, "rb") as pipe:
+            answer = pipe.read().decode(errors="replace")
+        os.waitpid(self.pid, 0)
+        if answer != "ok":
+            raise CallbackError(answer or "the callback helper process died")
 
 
 def _deliver(address: tuple[str, int], envelope: bytes, timeout: float, attempts: int) -> bytes:
