@@ -79,7 +79,8 @@ def test_unrepresentable_environment_is_refused(name, value):
 
 
 @pytest.mark.parametrize(("entry", "expected"), [
-    ("host", ("host", None)), ("host:2222", ("host", 2222)), ("[::1]:22", ("::1", 22)), ("[fe80::1]", ("fe80::1", None)),
+    ("host", ("host", None)), ("host:2222", ("host", 2222)),
+    ("[::1]:22", ("::1", 22)), ("[fe80::1]", ("fe80::1", None)),
 ])
 def test_host_entries(entry, expected):
     assert split_host_port(entry) == expected
