@@ -1,13 +1,26 @@
-"""Which host a kernel goes to: round-robin, least-connection, or a validated `KERNEL_REMOTE_HOST` pin."""
+"""Which host a kernel goes to: round-robin, least-connection, least-load, or a validated `KERNEL_REMOTE_HOST` pin.
+
+The hosts are the truth: least-connection counts the kernels actually running on each host (whichever gateway
+started them) plus this gateway's launches still in flight, so counts survive gateway restarts and are shared by
+every gateway using the same hosts.
+"""
 
 from __future__ import annotations
 
+import random
+import re
 import threading
-from collections import Counter
+from dataclasses import dataclass
 
 from .ssh import split_host_port
 
-ALGORITHMS = ("round-robin", "least-connection")
+ALGORITHMS = ("round-robin", "least-connection", "least-load")
+# What `KERNEL_INVENTORY` prints on a host: the ids of the kernels running there, then its load figures.
+KERNEL_INVENTORY = (
+    "ps -eo args= | grep -o -e '--kernel-id [A-Za-z0-9._-]*' | sort -u; "
+    "echo '--'; cat /proc/loadavg; getconf _NPROCESSORS_ONLN; grep -E '^Mem(Total|Available):' /proc/meminfo"
+)
+_ID = re.compile(r"--kernel-id ([A-Za-z0-9._-]+)")
 
 
 class PlacementError(ValueError):
@@ -33,44 +46,75 @@ def check_algorithm(name: str) -> str:
     return name
 
 
+@dataclass(frozen=True)
+class HostReport:
+    """What a host runs and how busy it is, as `KERNEL_INVENTORY` printed it."""
+
+    kernel_ids: frozenset[str]
+    load1: float
+    cpus: int
+    mem_total: int
+    mem_available: int
+
+    @classmethod
+    def parse(cls, text: str) -> HostReport:
+        ids_part, _, load_part = text.partition("--\n")
+        lines = load_part.split("\n")
+        mem = dict(re.findall(r"^(Mem\w+):\s+(\d+)", load_part, re.M))
+        return cls(
+            kernel_ids=frozenset(_ID.findall(ids_part)),
+            load1=float(lines[0].split()[0]),
+            cpus=max(1, int(lines[1])),
+            mem_total=int(mem["MemTotal"]),
+            mem_available=int(mem["MemAvailable"]),
+        )
+
+    def headroom(self, extra_kernels: int = 0) -> float:
+        """Free share of CPU plus free share of memory (0..2); each kernel still launching counts as one load."""
+        cpu = max(0.0, 1.0 - (self.load1 + extra_kernels) / self.cpus)
+        return cpu + self.mem_available / max(1, self.mem_total)
+
+
 class HostSelector:
-    """Per-process placement state shared by every provisioner instance."""
+    """Per-process placement state: the round-robin position and the launches in flight on each host."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._next = 0
-        self.kernels: Counter[str] = Counter()
+        self.pending: dict[str, set[str]] = {}
 
-    def choose(self, hosts: list[str], algorithm: str, pinned: str | None = None) -> str:
-        """Pick a host from `hosts` and count a kernel on it; a pin must name a configured host."""
-        if not hosts:
+    def pin(self, hosts: list[str], pinned: str) -> str:
+        if pinned not in hosts:
             raise PlacementError(
-                "no remote hosts are configured: set c.DistributedProvisioner.remote_hosts, GP_REMOTE_HOSTS, or "
-                "remote_hosts in the kernelspec's metadata.kernel_provisioner.config"
+                f"KERNEL_REMOTE_HOST={pinned!r} is not one of the configured remote hosts "
+                f"({', '.join(hosts)}); a kernel can only be pinned to a configured host"
             )
+        return pinned
+
+    def round_robin(self, hosts: list[str], usable: list[str]) -> str:
+        """The next usable host in configured order; unusable ones are passed over."""
         with self._lock:
-            if pinned is not None:
-                if pinned not in hosts:
-                    raise PlacementError(
-                        f"KERNEL_REMOTE_HOST={pinned!r} is not one of the configured remote hosts "
-                        f"({', '.join(hosts)}); a kernel can only be pinned to a configured host"
-                    )
-                host = pinned
-            elif check_algorithm(algorithm) == "least-connection":
-                host = min(hosts, key=lambda h: (self.kernels[h], hosts.index(h)))
-            else:
+            for _ in range(len(hosts)):
                 host = hosts[self._next % len(hosts)]
                 self._next += 1
-            self.kernels[host] += 1
-            return host
+                if host in usable:
+                    return host
+        raise PlacementError("no usable host")
 
-    def adopt(self, host: str) -> None:
-        """Count a kernel placed elsewhere (a restart on its host, or a re-attached kernel)."""
-        with self._lock:
-            self.kernels[host] += 1
+    def least_connection(self, reports: dict[str, HostReport]) -> str:
+        """Fewest kernels (running there, or launching from here); ties broken at random so gateways spread."""
+        counts = {h: len(r.kernel_ids | self.pending.get(h, set())) for h, r in reports.items()}
+        low = min(counts.values())
+        return random.choice([h for h, c in counts.items() if c == low])
 
-    def release(self, host: str) -> None:
-        """A kernel on `host` is gone (shut down, failed to start, or found dead)."""
+    def least_load(self, reports: dict[str, HostReport]) -> str:
+        """Most headroom (free CPU share + free memory share), counting launches in flight as load."""
+        return max(reports, key=lambda h: (reports[h].headroom(len(self.pending.get(h, ()))), random.random()))
+
+    def launching(self, host: str, kernel_id: str) -> None:
         with self._lock:
-            if self.kernels[host] > 0:
-                self.kernels[host] -= 1
+            self.pending.setdefault(host, set()).add(kernel_id)
+
+    def launched(self, host: str, kernel_id: str) -> None:
+        with self._lock:
+            self.pending.get(host, set()).discard(kernel_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import os
 import re
@@ -21,12 +22,23 @@ from traitlets import Bool, Float, Integer, List, Set, TraitError, Unicode, defa
 
 from . import callback
 from .control import ControlError, control_request
-from .placement import ALGORITHMS, HostSelector, PlacementError, check_algorithm, parse_hosts
+from .placement import (
+    ALGORITHMS,
+    KERNEL_INVENTORY,
+    HostReport,
+    HostSelector,
+    PlacementError,
+    check_algorithm,
+    parse_hosts,
+)
 from .remote import LaunchHandle, LaunchScriptError, LocalLaunch, SshLaunch, check_env, launch_script, spec_value
+from .spark import SparkOptsError, check_extra_spark_opts, check_username, spec_master
 from .ssh import CommandResult, SshError, SshPool, SshSettings, in_thread, is_local
 
 KERNEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 PLACEHOLDERS = ("kernel_id", "port_range", "response_address", "public_key")
+SPARK_MODE_FLAG = "--spark-context-initialization-mode"
+SPARK_WATCH_LIMIT = 900.0  # seconds the gateway keeps asking a lazy kernel about its SparkSession
 
 
 class ProvisionerError(web.HTTPError):
@@ -79,11 +91,16 @@ class _Gateway:
     server: callback.ResponseServer
     ports: dict[str, int] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    reaper: asyncio.Task | None = None
 
 
 _gateways: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Gateway] = weakref.WeakKeyDictionary()
 _pools: dict[tuple, SshPool] = {}
 _selector = HostSelector()
+
+
+class HostUnavailable(Exception):
+    """The host could not be used at all (SSH failed before the kernel started): another host may be tried."""
 _key_pair: Any = None
 
 
@@ -122,6 +139,18 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     prohibited_local_ips = List(Unicode(), config=True, help="Never hand these out (GP_PROHIBITED_LOCAL_IPS).")
     kernel_log_dir = Unicode(config=True, help="Directory of kernel-<id>.log on each host (GP_KERNEL_LOG_DIR).")
     restart_same_host = Bool(True, config=True, help="Restart a kernel on the host it ran on.")
+    host_quarantine = Float(
+        config=True, help="Seconds a failed host is left alone, doubling per failure up to 300 (GP_HOST_QUARANTINE)."
+    )
+
+    @default("host_quarantine")
+    def _quarantine_default(self) -> float:
+        return float(os.environ.get("GP_HOST_QUARANTINE", "5"))
+    impersonation_enabled = Bool(
+        config=True,
+        help="Run kernels as KERNEL_USERNAME: --proxy-user for YARN Spark specs, sudo -u otherwise "
+        "(GP_IMPERSONATION_ENABLED).",
+    )
 
     @default("remote_hosts")
     def _remote_hosts_default(self) -> list[str]:
@@ -197,6 +226,10 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     def _log_dir_default(self) -> str:
         return os.environ.get("GP_KERNEL_LOG_DIR", "/tmp")
 
+    @default("impersonation_enabled")
+    def _impersonation_default(self) -> bool:
+        return _env_bool("GP_IMPERSONATION_ENABLED", False)
+
     @validate("load_balancing_algorithm")
     def _check_algorithm(self, proposal: Any) -> str:
         return _trait_checked(check_algorithm, proposal["value"])
@@ -211,6 +244,7 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         return proposal["value"]
 
     # -- state of the kernel this instance manages (all of it in get_provisioner_info) --
+    skipped: list[str] = []  # hosts passed over for this kernel, and why
     host: str | None = None
     pid: int | None = None
     pgid: int | None = None
@@ -218,6 +252,8 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     listener: tuple[str, int, str] | None = None  # address, port, secret
     remote_connection_file: str | None = None
     log_file: str | None = None
+    spark: dict[str, Any] | None = None  # the launcher's report on its SparkSession (control op `info`)
+    _spark_watch: asyncio.Future | None = None
     _restart_host: str | None = None
     _launch: LaunchHandle | None = None
     _exit_status: int | None = None
@@ -308,15 +344,20 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             )
         return username
 
+    @staticmethod
+    def _check_client_env(env: dict[str, str]) -> None:
+        try:
+            for name, value in env.items():
+                if name.startswith("KERNEL_"):
+                    check_env(name, value)
+        except LaunchScriptError as exc:
+            raise ProvisionerError(400, str(exc)) from None
+
     def _exports(self, env: dict[str, str], username: str, token: str) -> dict[str, str]:
         """Names to shell words: client KERNEL_* values, then the kernelspec's env rendered against them."""
         values = {k: v for k, v in env.items() if k.startswith("KERNEL_")}
         values.update(KERNEL_ID=self.kernel_id, KERNEL_USERNAME=username)
-        try:
-            for name, value in values.items():
-                check_env(name, value)
-        except LaunchScriptError as exc:
-            raise ProvisionerError(400, str(exc)) from None
+        self._check_client_env(values)
         words = {name: shlex.quote(value) for name, value in values.items()}
         for name, template in (self.kernel_spec.env or {}).items():
             if name not in values:
@@ -325,19 +366,89 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 except LaunchScriptError as exc:
                     raise ProvisionerError(500, f"kernelspec {self.kernel_spec.display_name!r}: {exc}") from None
                 words[name] = spec_value(str(template), values)
+        self._spark_exports(values, words, username)
         words["GP_LAUNCH_TOKEN"] = token
         words["GP_KERNEL_LOG_DIR"] = shlex.quote(self.kernel_log_dir)
         return words
 
-    def _choose_host(self, env: dict[str, str]) -> str:
+    # ------------------------------------------------------------------ placement
+    async def _ensure_reaper(self) -> None:
+        """Retry cleanups owed to unreachable hosts until each host answers (one task per event loop)."""
+        gateway = await self._gateway()
+        if gateway.reaper is None or gateway.reaper.done():
+            gateway.reaper = asyncio.ensure_future(self._reap())
+
+    async def _reap(self) -> None:
+        while self.pool.health.owed:
+            await asyncio.sleep(max(0.5, self.host_quarantine / 2))
+            for host in [h for h in list(self.pool.health.owed) if not self.pool.health.quarantined(h)]:
+                await self._probe(host)
+
+    def _host_failed(self, host: str, reason: str) -> None:
+        seconds = self.pool.health.failed(host, reason)
+        self.log.warning("host %s is unavailable (%s): left alone for %.0f s", host, reason, seconds)
+        self.pool.drop(host)
+
+    async def _probe(self, host: str) -> str | None:
+        """Check a host that failed before; run the cleanups it is owed. Returns the failure, if any."""
+        try:
+            await self._run_on_host(host, "true", timeout=self.ssh_connect_timeout)
+        except (SshError, OSError, asyncio.TimeoutError) as exc:
+            self._host_failed(host, str(exc))
+            return str(exc)
+        self.pool.health.recovered(host)
+        self.log.info("host %s answers again", host)
+        for command in self.pool.health.take_owed(host):
+            with contextlib.suppress(SshError, OSError, asyncio.TimeoutError):
+                await self._run_on_host(host, command)
+        return None
+
+    async def _reports(self, hosts: list[str], skipped: list[str]) -> dict[str, HostReport]:
+        """What each host runs and how busy it is, asked over the pooled connections in parallel."""
+
+        async def ask(host: str) -> HostReport | None:
+            try:
+                result = await self._run_on_host(host, KERNEL_INVENTORY, timeout=self.ssh_connect_timeout + 5)
+                return HostReport.parse(result.stdout)
+            except (SshError, OSError, asyncio.TimeoutError, ValueError, KeyError, IndexError) as exc:
+                self._host_failed(host, str(exc))
+                skipped.append(f"{host}: {exc}")
+                return None
+
+        answers = await asyncio.gather(*(ask(h) for h in hosts))
+        return {h: r for h, r in zip(hosts, answers, strict=True) if r is not None}
+
+    async def _place(self, pinned: str | None, tried: set[str], skipped: list[str]) -> str:
+        """A host for this launch: the restart's host, the pin, or the algorithm's pick among healthy hosts."""
         if self._restart_host and self.restart_same_host:
             host, self._restart_host = self._restart_host, None
-            _selector.adopt(host)
             return host
-        try:
-            return _selector.choose(self.remote_hosts, self.load_balancing_algorithm, env.get("KERNEL_REMOTE_HOST"))
-        except PlacementError as exc:
-            raise ProvisionerError(403 if "KERNEL_REMOTE_HOST" in str(exc) else 500, str(exc)) from None
+        if pinned:
+            try:
+                return _selector.pin(self.remote_hosts, pinned)
+            except PlacementError as exc:
+                raise ProvisionerError(403, str(exc)) from None
+        usable = []
+        for host in self.remote_hosts:
+            why = None if host in tried else self.pool.health.quarantined(host)
+            if why:
+                skipped.append(f"{host}: {why}")
+            elif host not in tried:
+                usable.append(host)
+        suspects = [h for h in usable if self.pool.health.suspect(h)]
+        for host, failure in zip(suspects, await asyncio.gather(*(self._probe(h) for h in suspects)), strict=True):
+            if failure:
+                usable.remove(host)
+                skipped.append(f"{host}: {failure}")
+        algorithm = self.load_balancing_algorithm
+        reports = await self._reports(usable, skipped) if algorithm != "round-robin" else {}
+        if not (reports or (usable and algorithm == "round-robin")):
+            raise ProvisionerError(503, "no remote host can take the kernel:\n  " + "\n  ".join(skipped))
+        if algorithm == "least-connection":
+            return _selector.least_connection(reports)
+        if algorithm == "least-load":
+            return _selector.least_load(reports)
+        return _selector.round_robin(self.remote_hosts, usable)
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         env: dict[str, str] = kwargs.get("env") or {}
@@ -349,14 +460,34 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             parse_port_range(port_range)
         except ValueError as exc:
             raise ProvisionerError(400, str(exc)) from None
-        host = self._choose_host(env)
-        self.host = host
-        try:
-            return await self._launch_on(host, cmd, env, username, port_range, kwargs.get("cwd"))
-        except BaseException:
-            _selector.release(host)
-            self.host = None
-            raise
+        self.pool.health.base = self.host_quarantine
+        self._check_client_env(env)
+        pinned = env.get("KERNEL_REMOTE_HOST") or None
+        sticky = bool(self._restart_host and self.restart_same_host)
+        tried: set[str] = set()
+        self.skipped = []
+        while True:
+            host = await self._place(pinned, tried, self.skipped)
+            _selector.launching(host, self.kernel_id)
+            self.host = host
+            try:
+                connection = await self._launch_on(host, cmd, env, username, port_range, kwargs.get("cwd"))
+            except HostUnavailable as exc:
+                self.host = None
+                self._host_failed(host, str(exc))
+                self.skipped.append(f"{host}: {exc}")
+                if pinned or sticky:
+                    raise ProvisionerError(503, f"cannot start a kernel on {host}: {exc}") from None
+                tried.add(host)
+                continue
+            except BaseException:
+                self.host = None
+                raise
+            finally:
+                _selector.launched(host, self.kernel_id)
+            if self.skipped:
+                self.log.info("kernel %s placed on %s; skipped: %s", self.kernel_id, host, "; ".join(self.skipped))
+            return connection
 
     async def _launch_on(
         self, host: str, cmd: list[str], env: dict[str, str], username: str, port_range: str, cwd: str | None
@@ -365,7 +496,7 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         try:
             response_address = await self._response_address(host)
         except SshError as exc:
-            raise ProvisionerError(503, f"cannot start a kernel on {host}: {exc}") from None
+            raise HostUnavailable(str(exc)) from None
         gateway = await self._gateway()
         token = secrets.token_hex(32)
         public_key = callback.public_key_b64(await _private_key())
@@ -378,7 +509,8 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         argv = [re.sub(r"\{(\w+)\}", lambda m: values.get(m[1], m[0]), arg) for arg in cmd]
         self.log_file = f"{self.kernel_log_dir.rstrip('/')}/kernel-{self.kernel_id}.log"
         workdir = env.get("KERNEL_WORKING_DIR") or (cwd if local else None)
-        script = launch_script(argv, self._exports(env, username, token), self.log_file, workdir)
+        exports = self._exports(env, username, token)
+        script = launch_script(argv, exports, self.log_file, workdir, run_as=self._run_as(username))
         payload = gateway.server.register(self.kernel_id, token)
         started = time.monotonic()
         try:
@@ -388,14 +520,16 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 handle = await SshLaunch.start(self.pool, host, script)
         except (SshError, OSError) as exc:
             gateway.server.unregister(self.kernel_id)
-            raise ProvisionerError(503, f"cannot start a kernel on {host}: {exc}") from None
+            raise HostUnavailable(str(exc)) from None
         self.pid = self.pgid = handle.pid
         info = await self._await_callback(host, handle, payload, gateway)
         self.log.info(
             "kernel %s running on %s (%s) pid %s, ready in %.2f s",
             self.kernel_id, host, info.get("hostname"), info.get("pid"), time.monotonic() - started,
         )
-        return self._adopt_payload(host, info, await self._kernel_ip(host))
+        connection = self._adopt_payload(host, info, await self._kernel_ip(host))
+        await self._start_spark_watch(argv)
+        return connection
 
     async def _await_callback(
         self, host: str, handle: LaunchHandle, payload: asyncio.Future, gateway: _Gateway
@@ -451,6 +585,65 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         except (SshError, OSError, asyncio.TimeoutError) as exc:
             return f"(log unavailable: {exc})"
 
+    # ------------------------------------------------------------------ Spark: SPARK_OPTS, impersonation, info
+    def _spark_master(self) -> str | None:
+        return spec_master(str((self.kernel_spec.env or {}).get("SPARK_OPTS", "")))
+
+    def _spark_exports(self, values: dict[str, str], words: dict[str, str], username: str) -> None:
+        """Refuse (400) malformed KERNEL_EXTRA_SPARK_OPTS of Spark specs; add --proxy-user when impersonating YARN."""
+        extra = values.get("KERNEL_EXTRA_SPARK_OPTS")
+        try:
+            if extra is not None and "SPARK_OPTS" in (self.kernel_spec.env or {}):
+                check_extra_spark_opts(extra)
+            if self.impersonation_enabled:
+                check_username(username)
+        except SparkOptsError as exc:
+            raise ProvisionerError(400, str(exc)) from None
+        if self.impersonation_enabled:
+            words["GP_IMPERSONATION_ENABLED"] = "True"
+            if self._spark_master() == "yarn" and "SPARK_OPTS" in words:
+                words["SPARK_OPTS"] += shlex.quote(f" --proxy-user {username}")  # a checked name: one token
+
+    def _run_as(self, username: str) -> str | None:
+        """Whom `sudo -u` runs the kernel as: KERNEL_USERNAME when impersonating, unless YARN's --proxy-user does."""
+        return username if self.impersonation_enabled and self._spark_master() != "yarn" else None
+
+    async def _start_spark_watch(self, argv: list[str]) -> None:
+        """Learn the kernel's SparkSession: at once when eager, from a background watch while a lazy one starts."""
+        mode = argv[argv.index(SPARK_MODE_FLAG) + 1] if SPARK_MODE_FLAG in argv[:-1] else "none"
+        if mode == "none":
+            return
+        self.spark = {"state": "starting"}
+        await self._spark_info(wait=0)
+        if self.spark.get("state") == "starting":
+            self._spark_watch = asyncio.ensure_future(self._watch_spark())
+
+    async def _watch_spark(self) -> None:
+        deadline = time.monotonic() + SPARK_WATCH_LIMIT
+        while self.listener and (self.spark or {}).get("state") == "starting" and time.monotonic() < deadline:
+            if not await self._spark_info(wait=4.0):
+                await asyncio.sleep(1.0)
+
+    async def _spark_info(self, wait: float) -> bool:
+        """Ask the launcher (control op `info`) about its SparkSession; log what changed. False if unreachable."""
+        try:
+            reply = await self._control("info", {"wait": wait}, timeout=wait + 3.0)
+        except ControlError as exc:
+            self.log.debug("kernel %s: no Spark info yet (%s)", self.kernel_id, exc)
+            return False
+        spark = reply.get("spark")
+        if not isinstance(spark, dict) or spark == self.spark:
+            return True
+        self.spark = spark
+        if spark.get("state") == "ready":
+            self.log.info(
+                "kernel %s: Spark application %s (%s) on %s, Spark UI %s",
+                self.kernel_id, spark.get("app_id"), spark.get("app_name"), spark.get("master"), spark.get("ui_url"),
+            )  # fmt: skip
+        elif spark.get("state") == "failed":
+            self.log.warning("kernel %s: its SparkSession could not be created: %s", self.kernel_id, spark.get("error"))
+        return True
+
     # ------------------------------------------------------------------ lifecycle
     async def _control(self, op: str, args: dict[str, Any] | None = None, timeout: float = 3.0) -> dict[str, Any]:
         if self.listener is None:
@@ -461,10 +654,13 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     async def _signal_host(self, host: str, signum: int, group: bool) -> bool:
         """Signal the kernel over SSH (or locally); True when the process (group) existed."""
         target = f"-- -{self.pgid}" if group else str(self.pid)
+        if self.pool.health.quarantined(host):
+            return False
         try:
             res = await self._run_on_host(host, f"kill -{int(signum)} {target}")
         except (SshError, OSError, asyncio.TimeoutError) as exc:
             self.log.warning("cannot signal kernel %s on %s: %s", self.kernel_id, host, exc)
+            self._host_failed(host, str(exc) or type(exc).__name__)
             return False
         return res.status == 0
 
@@ -476,10 +672,22 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             return None
         except ControlError:
             pass
-        if await self._signal_host(self.host, 0, group=False):
+        if await self._alive_on_host(self.host):
             return None
         self._exit_status = 1
         return 1
+
+    async def _alive_on_host(self, host: str) -> bool:
+        """Ask the host itself whether the kernel process runs (a zombie awaiting its reaper does not)."""
+        if self.pool.health.quarantined(host):
+            return False
+        try:
+            res = await self._run_on_host(host, f"ps -o stat= -p {int(self.pid or 0)} | grep -q '^[^Z]'")
+        except (SshError, OSError, asyncio.TimeoutError) as exc:
+            self.log.warning("cannot reach %s to check kernel %s: %s", host, self.kernel_id, exc)
+            self._host_failed(host, str(exc) or type(exc).__name__)
+            return False
+        return res.status == 0
 
     async def wait(self) -> int | None:
         while (status := await self.poll()) is None:
@@ -516,10 +724,19 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             files = " ".join(shlex.quote(f) for f in (self.remote_connection_file,) if f)
             command = f"kill -9 -- -{int(self.pgid)} 2>/dev/null; {'rm -f ' + files if files else 'true'}"
             try:
+                if self.pool.health.quarantined(host):
+                    raise SshError(self.pool.health.quarantined(host) or "")
                 await self._run_on_host(host, command)
             except (SshError, OSError, asyncio.TimeoutError) as exc:
-                self.log.warning("cleanup of kernel %s on %s failed: %s", self.kernel_id, host, exc)
-        _selector.release(host)
+                self.log.warning(
+                    "cleanup of kernel %s on %s failed (%s); it will run when the host answers again",
+                    self.kernel_id, host, exc,
+                )  # fmt: skip
+                self.pool.health.owe(host, command)
+                await self._ensure_reaper()
+        if self._spark_watch is not None:
+            self._spark_watch.cancel()
+            self._spark_watch = None
         self._restart_host = host if restart else None
         self.host = self.pid = self.pgid = self.listener = None
 
@@ -537,6 +754,8 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             listener=list(self.listener) if self.listener else None,
             connection_file=self.remote_connection_file,
             log_file=self.log_file,
+            spark=self.spark,
+            skipped=self.skipped,
         )
         return info
 
@@ -553,8 +772,8 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self.listener = (listener[0], int(listener[1]), listener[2]) if listener else None
         self.remote_connection_file = provisioner_info.get("connection_file")
         self.log_file = provisioner_info.get("log_file")
-        if self.host:
-            _selector.adopt(self.host)
+        self.spark = provisioner_info.get("spark")
+        self.skipped = provisioner_info.get("skipped", [])
 
     def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
         return recommended

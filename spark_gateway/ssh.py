@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 
 import paramiko
 
+from .health import Health
+
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
@@ -145,6 +147,7 @@ class SshPool:
 
     def __init__(self, settings: SshSettings) -> None:
         self.settings = settings
+        self.health = Health()  # what these credentials learnt about reaching each host
         self._clients: dict[str, paramiko.SSHClient] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()

@@ -17,6 +17,7 @@ from traitlets.config import Config
 
 from spark_gateway.specs import write_spec
 from tests.hostlab import HostLab, LabHost
+from tests.spark_cluster import spark_cluster  # noqa: F401 (session fixture: the shared Spark cluster)
 
 USER_ENV = {"KERNEL_USERNAME": "alice"}  # the gateway runs as root here; root is refused by default
 
@@ -52,6 +53,8 @@ def gateway_config(lab: HostLab, **overrides: Any) -> Config:
     cfg = Config()
     cfg.DistributedProvisioner.ssh_config_file = str(lab.ssh_config)
     cfg.DistributedProvisioner.remote_hosts = [h.name for h in lab.hosts]
+    cfg.DistributedProvisioner.response_port = 0  # OS-assigned: test loops and parallel runs never collide
+    cfg.DistributedProvisioner.host_quarantine = 0.2  # a host a test broke is probed again almost at once
     for key, value in overrides.items():
         setattr(cfg.DistributedProvisioner, key, value)
     return cfg
@@ -112,4 +115,4 @@ async def execute(km: AsyncKernelManager, code: str, timeout: float = 60) -> tup
 
 
 def env(**extra: str) -> dict[str, str]:
-    return {**os.environ, **USER_ENV, **extra}
+    return {**os.environ, **USER_ENV, "GP_RESPONSE_PORT": "0", **extra}

@@ -10,7 +10,7 @@ Two modes:
     One bridge ``sgbr0`` (10.250.0.1/24) in the root namespace; per host a network
     namespace ``sgh-<runid>-<i>`` joined by a veth pair (``eth0`` inside, 10.250.0.x/24, no
     default route, so a host can reach the gateway and the other hosts only). A *keeper*
-    process (``sleep infinity``) holds a private mount and UTS namespace for the host:
+    process holds a private mount, UTS and PID namespace for the host (its init reaps orphans):
     its own hostname, its own ``/etc/hosts``, empty root dotfiles, private login
     records and a private tmpfs on ``/usr/local/share/jupyter/kernels``. sshd runs inside
     the keeper's namespaces, so it can be stopped and started again without losing the
@@ -39,6 +39,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -67,6 +68,16 @@ LOGIN_RECORDS = ("/var/log/wtmp", "/var/log/btmp", "/var/log/lastlog", "/run/utm
 ROOT_DOTFILES = ("/root/.bashrc", "/root/.profile")
 
 CMD_TIMEOUT = 20.0  # bound for every helper subprocess
+# PID 1 of a host's PID namespace: reaps orphans (detached kernels) as a real init does.
+REAPER = (
+    "import os, signal\n"
+    "signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGCHLD, signal.SIGTERM])\n"
+    "while True:\n"
+    "    if signal.sigwaitinfo([signal.SIGCHLD, signal.SIGTERM]).si_signo == signal.SIGTERM: break\n"
+    "    try:\n"
+    "        while os.waitpid(-1, os.WNOHANG)[0] > 0: pass\n"
+    "    except ChildProcessError: pass\n"
+)
 READY_TIMEOUT = 15.0  # bound for a host's keeper / sshd to come up
 POLL_INTERVAL = 0.02
 # Environment of the keeper and sshd (sshd builds its sessions' environment itself).
@@ -381,13 +392,18 @@ class LabHost:
         """Pid of the listening sshd, or None while it is stopped."""
         return self._sshd.pid if self._sshd is not None and self._sshd.poll() is None else None
 
-    def _nsenter(self) -> list[str]:
-        """Command prefix that enters the host's namespaces ([] in loopback mode)."""
+    def _nsenter(self, fork: bool = True) -> list[str]:
+        """Command prefix that enters the host's namespaces ([] in loopback mode).
+
+        The host has its own PID namespace (as a real host has its own process table); without ``fork``
+        the command itself stays outside it but everything it starts (sshd's sessions) is inside.
+        """
         if self.netns is None:
             return []
         if self._keeper is None:
             raise HostLabError(f"{self.name} has been torn down")
-        return ["nsenter", "-t", str(self._keeper.pid), "-n", "-m", "-u", "--"]
+        init = Path(f"/proc/{self._keeper.pid}/task/{self._keeper.pid}/children").read_text().split()[0]
+        return ["nsenter", "-t", init, "-n", "-m", "-u", "-p", *([] if fork else ["-F"]), "--"]
 
     def run(
         self, cmd: list[str], check: bool = True, timeout: float = 60.0, input: str | None = None
@@ -413,6 +429,8 @@ class LabHost:
         process whose ``SSH_CONNECTION`` names this host's address and port.
         """
         own = {p.pid for p in (self._keeper, self._sshd) if p is not None}
+        if self._keeper is not None:
+            own |= set(_descendants(self._keeper.pid)[:1])  # the host's init
         if self.netns is not None:
             pids = _pids_in_netns(self._netns_id())
         else:
@@ -451,7 +469,7 @@ class LabHost:
         _reap(self._sshd)
         with self.sshd_log.open("ab") as log:
             self._sshd = subprocess.Popen(
-                [*self._nsenter(), SSHD, "-D", "-e", "-f", str(self.sshd_config)],
+                [*self._nsenter(fork=False), SSHD, "-D", "-e", "-f", str(self.sshd_config)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -725,7 +743,7 @@ class HostLab:
                 private.write_text("")
                 cmds.append(f"mount --bind {q(str(private))} {record}")
         cmds += self._private_dir_cmds(host, KERNELS_DIR)
-        cmds += [f"touch {q(str(d / 'ready'))}", "exec sleep infinity"]
+        cmds += [f"touch {q(str(d / 'ready'))}", f"exec {q(sys.executable)} -c {q(REAPER)}"]
         return "\n".join(cmds) + "\n"
 
     def _private_dir_cmds(self, host: LabHost, path: str) -> list[str]:
@@ -756,8 +774,8 @@ class HostLab:
             return
         with (host.dir / "keeper.log").open("wb") as log:
             host._keeper = subprocess.Popen(
-                ["ip", "netns", "exec", host.netns, "unshare", "--mount", "--uts",
-                 "--propagation", "private", "/bin/sh", str(host.dir / "setup.sh")],
+                ["ip", "netns", "exec", host.netns, "unshare", "--mount", "--uts", "--pid", "--fork",
+                 "--mount-proc", "--propagation", "private", "/bin/sh", str(host.dir / "setup.sh")],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,

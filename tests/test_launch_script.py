@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from spark_gateway.placement import HostSelector, PlacementError, parse_hosts
+from spark_gateway.placement import parse_hosts
 from spark_gateway.remote import LaunchScriptError, check_env, launch_script, spec_value
 from spark_gateway.ssh import split_host_port
 
@@ -90,18 +90,3 @@ def test_host_list_parsing():
     assert parse_hosts(" a, b:2200 ,,c ") == ["a", "b:2200", "c"]
     with pytest.raises(ValueError):
         parse_hosts(["a b"])
-
-
-def test_selector_counts():
-    sel = HostSelector()
-    hosts = ["a", "b", "c"]
-    assert [sel.choose(hosts, "round-robin") for _ in range(4)] == ["a", "b", "c", "a"]
-    assert sel.choose(hosts, "round-robin", pinned="c") == "c"
-    assert sel.choose(hosts, "round-robin") == "b"  # the pin did not advance the index
-    assert sel.choose(hosts, "least-connection") == "a"  # a:2 b:2 c:2 -> first
-    sel.release("b")
-    assert sel.choose(hosts, "least-connection") == "b"
-    with pytest.raises(PlacementError, match="not one of the configured"):
-        sel.choose(hosts, "round-robin", pinned="evil")
-    with pytest.raises(PlacementError, match="no remote hosts"):
-        sel.choose([], "round-robin")

@@ -123,7 +123,7 @@ async def test_kernel_round_trip_interrupt_and_prompt_shutdown(launcher: Launche
     assert (info["pid"], info["pgid"]) == (proc.pid, proc.pid)
     assert info["log_file"] == str(launcher.log("k1"))
     connection_file = Path(info["connection_file"])
-    assert connection_file == launcher.tmp / "runtime" / "kernel-k1.json"
+    assert connection_file == launcher.tmp / "runtime" / "sg-kernel-k1.json"
     assert connection_file.stat().st_mode & 0o777 == 0o600
     assert json.loads(connection_file.read_text()) == info["connection_info"]
     assert await control(info, "poll") == {"ok": True, "alive": True}
@@ -191,14 +191,22 @@ async def test_bad_kernel_class_exits_before_calling_back(launcher: Launcher) ->
     assert await wait_exit(proc, 30) == 1
     assert "cannot import kernel class 'no_such_module.Kernel'" in launcher.log("k3").read_text()
     assert not payload.done()  # it never reported success
-    assert not (launcher.tmp / "runtime" / "kernel-k3.json").exists()
+    assert not (launcher.tmp / "runtime" / "sg-kernel-k3.json").exists()
 
 
 @pytest.mark.asyncio
-async def test_spark_modes_are_not_implemented_yet(launcher: Launcher) -> None:
-    proc, _, _ = await launcher.launch("k4", "--spark-context-initialization-mode", "eager")
-    assert await wait_exit(proc, 30) != 0
-    assert "--spark-context-initialization-mode eager is not implemented yet" in launcher.log("k4").read_text()
+async def test_eager_spark_failure_exits_before_calling_back(launcher: Launcher, monkeypatch) -> None:
+    # spark-submit itself refuses the master: its own words end the launch, which never reports success
+    monkeypatch.setenv("PYSPARK_SUBMIT_ARGS", "--master nowhere://x --name k4 pyspark-shell")
+    token = secrets.token_hex(32)
+    payload = launcher.server.register("k4", token)
+    proc = launcher.start("k4", "--spark-context-initialization-mode", "eager", token=token)
+    assert await wait_exit(proc, 60) == 1
+    log = launcher.log("k4").read_text()
+    assert "error: cannot create the SparkSession (eager mode)" in log
+    assert "spark-submit said:" in log and "Master must either be yarn or start with spark" in log
+    assert not payload.done()
+    assert not (launcher.tmp / "runtime" / "kernel-k4.json").exists()
 
 
 @pytest.mark.asyncio

@@ -95,7 +95,7 @@ async def test_rest_lifecycle_on_remote_hosts(lab, server):
     whoami = "import socket, os; print(socket.gethostname(), os.getpid())"
     hostname, pid = (await _run_code(server, kernel_id, whoami)).split()
     host = next(h for h in lab.hosts if h.hostname == hostname)
-    assert any(p == int(pid) for p, _ in host.processes())
+    assert kernel_processes(host, kernel_id)
 
     assert requests.post(f"{server}/api/kernels/{kernel_id}/interrupt", headers=_auth(), timeout=30).status_code == 204
     r = requests.post(f"{server}/api/kernels/{kernel_id}/restart", headers=_auth(), timeout=60)

@@ -3,24 +3,39 @@
 Order: the kernel class (and ipykernel) is imported first, so that a broken environment ends the launch before it
 reports success and the gateway fails the start at once with the log tail; then ports, connection file, control
 listener and the callback; the kernel binds right after (ZMQ clients retry until it does).
+
+With ``--spark-context-initialization-mode eager`` the SparkSession is created before the callback (its JVM boots
+while ipykernel is imported); with ``lazy`` it is created in the background once the kernel is initialised. Either
+way ``spark``, ``sc`` and ``sql`` are in the user namespace (see ``SparkSessionStarter``). The JVM is started by
+pyspark from ``PYSPARK_SUBMIT_ARGS`` (set by ``bin/run.sh`` from ``SPARK_OPTS``), split with shlex, no shell.
 """
 
 from __future__ import annotations
 
 import argparse
 import atexit
+import collections
 import importlib
+import importlib.util
+import logging
 import os
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 _HERE = Path(__file__).resolve().parent
 if not (_HERE / "server_listener.py").exists():  # running from a source checkout
     sys.path.insert(0, str(_HERE.parent.parent / "shared" / "scripts"))
 
 import server_listener as sl  # noqa: E402
+
+log = logging.getLogger("launch_ipykernel")
+SPARK_NAMES = ("spark", "sc", "sql")
+STOP_TIMEOUT = 10.0  # seconds granted to SparkSession.stop() at exit
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def connection_file_path(kernel_id: str) -> Path:
-    """``kernel-<id>.json`` in $GP_KERNEL_RUNTIME_DIR, else the Jupyter runtime dir."""
+    """``sg-kernel-<id>.json`` in $GP_KERNEL_RUNTIME_DIR, else the Jupyter runtime dir."""
     runtime_dir = os.environ.get("GP_KERNEL_RUNTIME_DIR")
     if not runtime_dir:
         from jupyter_core.paths import jupyter_runtime_dir
@@ -44,7 +59,8 @@ def connection_file_path(kernel_id: str) -> Path:
         runtime_dir = jupyter_runtime_dir()
     path = Path(runtime_dir)
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return path / f"kernel-{kernel_id}.json"
+    # Not `kernel-<id>.json`: that is the gateway's own file for this kernel when both share a filesystem.
+    return path / f"sg-kernel-{kernel_id}.json"
 
 
 def remove_on_exit(path: Path) -> None:
@@ -73,24 +89,234 @@ def import_kernel_class(name: str) -> type:
     return cls
 
 
-# ------------------------------------------------------------------------------------------------
-# SPARK INITIALIZATION: not implemented yet (someone implements lazy/eager Spark context creation here).
-# ------------------------------------------------------------------------------------------------
-def initialize_spark(mode: str) -> None:
-    """Create the Spark context ('eager') or arrange to create it on first use ('lazy')."""
-    raise NotImplementedError(f"--spark-context-initialization-mode {mode} is not implemented yet; use 'none'")
+# ------------------------------------------------------------------------------------------------ Spark
+
+
+class SparkSessionError(RuntimeError):
+    """The kernel's SparkSession could not be created (the message says why; the kernel log has the rest)."""
+
+
+def locate_pyspark() -> None:
+    """Make pyspark importable: as installed, else from $SPARK_HOME with findspark; exit 1 saying what is missing."""
+    if importlib.util.find_spec("pyspark") is not None:  # imported later (in the background when lazy)
+        return
+    spark_home = os.environ.get("SPARK_HOME", "")
+    if not spark_home:
+        sys.exit("error: this Python cannot import pyspark and SPARK_HOME is not set: set SPARK_HOME in the "
+                 "kernelspec's env to a Spark installation, or install pyspark for PYSPARK_PYTHON")  # fmt: skip
+    try:
+        import findspark
+
+        findspark.init(spark_home)
+        importlib.import_module("pyspark")
+    except ImportError as exc:
+        sys.exit(f"error: cannot import pyspark from SPARK_HOME={spark_home} ({exc}); install findspark and "
+                 f"check that {spark_home}/python holds pyspark and python/lib a py4j zip")  # fmt: skip
+    except Exception as exc:  # findspark raises a bare Exception when SPARK_HOME has no py4j
+        sys.exit(f"error: SPARK_HOME={spark_home} is not a usable Spark installation: {exc}")
+
+
+class _JvmOutput:
+    """The JVM's stdout and stderr, copied to the kernel log (not to the notebook); keeps the last lines."""
+
+    def __init__(self, log_fd: int, keep: int = 40) -> None:
+        self.log_fd, self.lines = log_fd, collections.deque(maxlen=keep)
+        self.read_fd, self.write_fd = os.pipe()
+        threading.Thread(target=self._copy, name="jvm-output", daemon=True).start()
+
+    def _copy(self) -> None:
+        with os.fdopen(self.read_fd, "rb", buffering=0) as pipe:
+            for line in iter(pipe.readline, b""):
+                os.write(self.log_fd, line)
+                self.lines.append(line.decode(errors="replace").rstrip())
+
+    def errors(self, count: int = 8) -> str:
+        """The last lines that look like errors (else the last lines)."""
+        marks = ("Error", "ERROR", "Exception", "error:", "Caused by")
+        picked = [line for line in self.lines if any(m in line for m in marks)] or list(self.lines)
+        return "\n".join(picked[-count:])
+
+
+class _SparkName:
+    """`spark`, `sc` or `sql` until first use: waits for the session, then the real object takes its place."""
+
+    def __init__(self, starter: SparkSessionStarter, name: str) -> None:
+        object.__setattr__(self, "_starter", starter)
+        object.__setattr__(self, "_name", name)
+
+    def _target(self) -> Any:
+        return self._starter.resolve(self._name)
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._target(), attr)
+
+    def __setattr__(self, attr: str, value: Any) -> None:
+        setattr(self._target(), attr, value)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._target()(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return repr(self._target())
+
+    def __dir__(self) -> list[str]:  # tab completion must not wait for the JVM
+        ready = self._starter.session
+        return dir(self._starter.objects()[self._name]) if ready is not None else []
+
+
+class SparkSessionStarter:
+    """Creates the kernel's SparkSession (now or in a background thread) and tells the notebook and gateway about it.
+
+    ``state``: ``starting`` -> ``ready`` or ``failed``. The gateway reads ``info()`` through the control listener;
+    the notebook sees the application on first use of ``spark``, ``sc`` or ``sql``.
+    """
+
+    def __init__(self, log_fd: int) -> None:
+        self.state, self.error = "starting", ""
+        self.session: Any = None
+        self.details: dict[str, Any] = {}
+        self.started = time.monotonic()
+        self._jvm = _JvmOutput(log_fd)
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._shown = False
+        self._user_ns: dict[str, Any] | None = None
+
+    # -- creation
+    def start(self) -> None:
+        """Create the session in a background thread."""
+        self._thread = threading.Thread(target=self.create, name="spark-session", daemon=True)
+        self._thread.start()
+
+    def create(self) -> None:
+        """Create the session (blocking); the outcome is in ``state``, never raised."""
+        try:
+            from pyspark import SparkContext
+            from pyspark.java_gateway import launch_gateway
+            from pyspark.sql import SparkSession
+
+            out = {"stdout": self._jvm.write_fd, "stderr": self._jvm.write_fd}
+            SparkContext._ensure_initialized(gateway=launch_gateway(popen_kwargs=out))
+            session = SparkSession.builder.config("spark.api.mode", "classic").getOrCreate()
+            sc = session.sparkContext
+            details = {
+                "app_id": sc.applicationId,
+                "app_name": sc.appName,
+                "master": sc.master,
+                "ui_url": sc.uiWebUrl,
+                "spark_version": sc.version,
+                "seconds": round(time.monotonic() - self.started, 3),
+            }
+        except BaseException as exc:  # noqa: BLE001 (reported, never raised: the kernel goes on)
+            self._finish("failed", error=self._explain(exc))
+            log.error("SparkSession could not be created: %s", self.error)
+            return
+        atexit.register(self.stop)
+        self._finish("ready", session=session, details=details)
+        log.info("SparkSession ready in %.2f s: application %s (%s) on %s, Spark UI %s", details["seconds"],
+                 details["app_id"], details["app_name"], details["master"], details["ui_url"])  # fmt: skip
+
+    def _explain(self, exc: BaseException) -> str:
+        java = getattr(exc, "java_exception", None)
+        text = str(java.toString()) if java is not None else f"{type(exc).__name__}: {exc}".splitlines()[0]
+        if java is None and self._jvm.lines:
+            text += f"\nspark-submit said:\n{self._jvm.errors()}"
+        return text
+
+    def _finish(self, state: str, **fields: Any) -> None:
+        with self._changed:
+            for name, value in fields.items():
+                setattr(self, name, value)
+            self.state = state
+            self._changed.notify_all()
+
+    def wait(self) -> None:
+        """Block until the session is ready or failed (interruptible)."""
+        with self._changed:
+            while self.state == "starting":
+                self._changed.wait(0.5)
+
+    def stop(self) -> None:
+        """Stop the session (ends the application on the cluster), within STOP_TIMEOUT."""
+        if self.session is not None:
+            log.info("stopping the SparkSession")
+            began = time.monotonic()
+            stopper = threading.Thread(target=self.session.stop, daemon=True)
+            stopper.start()
+            stopper.join(STOP_TIMEOUT)
+            log.info("SparkSession stopped in %.2f s", time.monotonic() - began)
+
+    # -- gateway side
+    def info(self, wait: float = 0.0) -> dict[str, Any]:
+        """What the control listener's `info` op returns; waits up to `wait` s while the session is starting."""
+        with self._changed:
+            if self.state == "starting" and wait > 0:
+                self._changed.wait(min(float(wait), sl.INFO_MAX_WAIT))
+            return {"spark": {"state": self.state, "error": self.error or None, **self.details}}
+
+    # -- notebook side
+    def objects(self) -> dict[str, Any]:
+        return {"spark": self.session, "sc": self.session.sparkContext, "sql": self.session.sql}
+
+    def install(self, shell: Any) -> None:
+        """Put `spark`, `sc` and `sql` into the user namespace; cancel Spark jobs when a cell is interrupted."""
+        self._user_ns = shell.user_ns
+        shell.user_ns.update({name: _SparkName(self, name) for name in SPARK_NAMES})
+        shell.set_custom_exc((KeyboardInterrupt,), self._on_interrupt)
+
+    def resolve(self, name: str) -> Any:
+        """The real object behind a name: waits for the session, shows the application once, replaces the names."""
+        self.wait()
+        if self.state == "failed":
+            raise SparkSessionError(f"the SparkSession could not be created: {self.error}")
+        objects = self.objects()
+        if not self._shown:
+            self._shown = True
+            d = self.details
+            print(f"Spark application {d['app_id']} ({d['app_name']}) on {d['master']}; Spark UI: {d['ui_url']}")
+            for key, proxy in list((self._user_ns or {}).items()):
+                if key in objects and isinstance(proxy, _SparkName):
+                    self._user_ns[key] = objects[key]  # type: ignore[index]
+        return objects[name]
+
+    def _on_interrupt(self, shell: Any, etype: type, value: BaseException, tb: Any, tb_offset: Any = None) -> None:
+        """IPython's handler of KeyboardInterrupt in a cell: cancel the running Spark jobs, show the traceback."""
+        if self.session is not None:
+            try:
+                self.session.sparkContext.cancelAllJobs()
+                log.info("interrupt: cancelled all Spark jobs of %s", self.details.get("app_id"))
+            except Exception as exc:
+                log.warning("interrupt: cannot cancel Spark jobs: %r", exc)
+        shell.showtraceback((etype, value, tb), tb_offset=tb_offset)
+
+
+def log_stream_fd() -> int:
+    """A duplicate of the launcher's stderr (the kernel log) that ipykernel's capture of fd 2 does not touch."""
+    return os.dup(2)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     token = sl.take_launch_token()
     sl.configure_logging()
-    sender = sl.CallbackSender(args.response_address, args.public_key, args.kernel_id, token)
+    mode = args.spark_context_initialization_mode
+
+    spark: SparkSessionStarter | None = None
+    if mode != "none":
+        locate_pyspark()
+        spark = SparkSessionStarter(log_stream_fd())
+        if mode == "eager":
+            spark.start()  # the JVM boots while ipykernel is imported
 
     # Import errors and bad kernel classes must kill the launch before it reports success: the gateway then
     # fails the start at once with this process's exit status and log tail.
     kernel_class = import_kernel_class(args.kernel_class_name)
     from ipykernel.kernelapp import IPKernelApp
+
+    if spark is not None and mode == "eager":
+        spark.wait()
+        if spark.state == "failed":
+            sys.exit(f"error: cannot create the SparkSession (eager mode): {spark.error}")
 
     pid, pgid = os.getpid(), os.getpgid(0)
     ports = sl.select_ports(args.port_range, len(sl.KERNEL_PORT_NAMES) + 1, args.ip)
@@ -98,20 +324,24 @@ def main(argv: list[str] | None = None) -> None:
     path = connection_file_path(args.kernel_id)
     remove_on_exit(path)
     sl.write_connection_file(str(path), info)
-    listener = sl.ControlListener(pid, pgid, port=ports[-1], ip=args.ip)
+    listener = sl.ControlListener(pid, pgid, port=ports[-1], ip=args.ip, info=spark.info if spark else None)
     listener.start()
 
     fields = sl.payload_fields(args.kernel_id, info, pid, pgid, listener, str(path))
     try:
-        sender.send(fields)
+        sl.send_connection_info(args.response_address, args.public_key, args.kernel_id, token, fields)
     except sl.CallbackError as exc:
         sys.exit(f"error: {exc}")
 
-    if args.spark_context_initialization_mode != "none":
-        initialize_spark(args.spark_context_initialization_mode)
-
     # The app ignores SIGINT except while a cell runs, where SIGINT raises KeyboardInterrupt.
-    IPKernelApp.launch_instance(argv=["-f", str(path)], kernel_class=kernel_class)
+    app = IPKernelApp.instance(kernel_class=kernel_class)
+    app.initialize(["-f", str(path)])
+    if spark is not None:
+        spark.install(app.shell)
+        if mode == "lazy":
+            spark.start()  # after the kernel's own start-up, so the JVM does not compete with it
+    app.start()
+    log.info("kernel stopped")
 
 
 if __name__ == "__main__":
