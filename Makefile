@@ -5,7 +5,7 @@ PIP     := $(PY) -m pip
 APT_PKGS := openssh-server openssh-client iproute2 procps util-linux
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install system-deps test demo bench lint clean
+.PHONY: install system-deps test demo bench lint clean specs
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -31,6 +31,15 @@ demo: install  ## executes examples/*.ipynb through the provisioner on this mach
 
 bench: install system-deps  ## benchmarks: ratios against jupyter_client's LocalProvisioner, same run
 	$(PY) bench/launch.py
+
+SPARK_MASTER ?=
+SPECS_DIR ?= build/kernelspecs
+DIST_DIR ?= dist
+SPECS_OPTS ?=
+
+specs: $(VENV)/.installed  ## every kernelspec for SPARK_MASTER (yarn, spark://HOST:PORT, local[*]): build/kernelspecs/, dist/
+	@test -n "$(SPARK_MASTER)" || { echo "usage: make specs SPARK_MASTER=yarn|spark://HOST:PORT|local[*] [SPECS_OPTS='--spark-home=/opt/spark ...']" >&2; exit 2; }
+	$(PY) -m spark_gateway.sshspec build --spark-master='$(SPARK_MASTER)' --output='$(SPECS_DIR)' --dist='$(DIST_DIR)' $(SPECS_OPTS)
 
 lint: install
 	$(VENV)/bin/ruff check spark_gateway kernel-launchers tests bench

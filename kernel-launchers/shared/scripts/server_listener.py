@@ -35,7 +35,8 @@ PROTOCOL_VERSION = 1
 AAD_PREFIX = b"spark_gateway/v1|"
 MAX_MESSAGE = 64 * 1024
 KERNEL_PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
-CONTROL_OPS = ("poll", "signal", "shutdown")
+CONTROL_OPS = ("poll", "signal", "shutdown", "info")
+INFO_MAX_WAIT = 4.0  # seconds an `info` request may wait for news (below the client's 5 s timeout)
 SHUTDOWN_GRACE = 1.0
 
 
@@ -291,7 +292,11 @@ def request_mac(secret: bytes, challenge: str, op: str, args: dict[str, Any]) ->
 
 
 class ControlListener:
-    """Authenticated control listener (poll / signal / shutdown) for one kernel process."""
+    """Authenticated control listener (poll / signal / shutdown / info) for one kernel process.
+
+    ``info(wait)`` (optional) returns the launcher's report for the `info` op, e.g. ``{"spark": {...}}``; it may
+    wait up to ``wait`` seconds for a change (such as a SparkSession that is still starting).
+    """
 
     def __init__(
         self,
@@ -302,8 +307,9 @@ class ControlListener:
         secret: bytes | None = None,
         timeout: float = 5.0,
         max_connections: int = 16,
+        info: Callable[[float], dict[str, Any]] | None = None,
     ) -> None:
-        self.pid, self.pgid, self.timeout = pid, pgid, timeout
+        self.pid, self.pgid, self.timeout, self.info = pid, pgid, timeout, info
         self.secret = secret or secrets.token_bytes(32)
         self._slots = threading.BoundedSemaphore(max_connections)
         self._sock = _socket_for(ip)
@@ -378,6 +384,11 @@ class ControlListener:
     def _dispatch(self, op: str, args: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], None] | None]:
         if op == "poll":
             return {"ok": True, "alive": pid_alive(self.pid)}, None
+        if op == "info":
+            wait = args.get("wait", 0)
+            if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= INFO_MAX_WAIT:
+                return {"ok": False, "error": f"bad info args {args!r}: wait is 0..{INFO_MAX_WAIT:g} seconds"}, None
+            return {"ok": True, **(self.info(float(wait)) if self.info else {})}, None
         if op == "shutdown":
             log.info("control: shutdown of process group %d", self.pgid)
             return {"ok": True}, self._terminate_group

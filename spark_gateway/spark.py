@@ -1,0 +1,133 @@
+"""Spark options of a kernel: checking the client's `KERNEL_EXTRA_SPARK_OPTS`, reading the spec's master.
+
+Pure functions (no I/O). The options reach spark-submit through `PYSPARK_SUBMIT_ARGS`, which pyspark splits with
+`shlex` and runs without a shell, so these checks are about what spark-submit is asked, not about quoting.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+# spark-submit options a client may add, and whether each takes a value.
+ALLOWED_OPTIONS: dict[str, bool] = {
+    "--conf": True,
+    "-c": True,
+    "--archives": True,
+    "--driver-class-path": True,
+    "--driver-cores": True,
+    "--driver-java-options": True,
+    "--driver-library-path": True,
+    "--driver-memory": True,
+    "--exclude-packages": True,
+    "--executor-cores": True,
+    "--executor-memory": True,
+    "--files": True,
+    "--jars": True,
+    "--num-executors": True,
+    "--packages": True,
+    "--py-files": True,
+    "--queue": True,
+    "--repositories": True,
+    "--total-executor-cores": True,
+    "--verbose": False,
+    "-v": False,
+}
+# spark-submit options the gateway or the kernelspec controls (or that would not start a kernel at all).
+CONTROLLED_OPTIONS = {
+    "--master": "the kernelspec's SPARK_OPTS sets the master",
+    "--deploy-mode": "kernels are Spark drivers in client mode",
+    "--name": "the application is named after the kernel id",
+    "--proxy-user": "the gateway sets it when impersonation is enabled",
+    "--principal": "credentials are the gateway's to configure",
+    "--keytab": "credentials are the gateway's to configure",
+    "--properties-file": "it could override the options the gateway controls",
+    "--remote": "kernels run classic Spark drivers, not Spark Connect clients",
+    "--class": "the kernel is the application",
+    "--supervise": "it applies to cluster mode only",
+    "--kill": "it does not start an application",
+    "--status": "it does not start an application",
+    "--help": "it does not start an application",
+    "-h": "it does not start an application",
+    "--version": "it does not start an application",
+    "--usage-error": "it does not start an application",
+}
+CONTROLLED_CONFS = {
+    "spark.master": "--master",
+    "spark.submit.deployMode": "--deploy-mode",
+    "spark.app.name": "--name",
+    "spark.remote": "--remote",
+    "spark.api.mode": "--remote",
+    "spark.kerberos.principal": "--principal",
+    "spark.kerberos.keytab": "--keytab",
+    "spark.yarn.principal": "--principal",
+    "spark.yarn.keytab": "--keytab",
+}
+USERNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._@-]{0,63}\Z")
+_MASTER = re.compile(r"(?:^|\s)--master(?:=|\s+)(\S+)")
+EXAMPLE = "e.g. --conf spark.executor.memory=1g --num-executors 2"
+
+
+class SparkOptsError(ValueError):
+    """Client Spark options that cannot be passed to spark-submit; the message says which and why."""
+
+
+def check_extra_spark_opts(text: str, name: str = "KERNEL_EXTRA_SPARK_OPTS") -> list[str]:
+    """Split `text` like pyspark does (shlex) and check every token; return the tokens.
+
+    Accepts `--option value` and `--option=value` for the options in ALLOWED_OPTIONS; refuses parse errors,
+    unknown options, stray values and the options and confs the gateway controls.
+    """
+    try:
+        tokens = shlex.split(text)
+    except ValueError as exc:
+        raise SparkOptsError(f"{name} cannot be parsed ({exc}): quote values like a shell would, {EXAMPLE}") from None
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        option, eq, inline = token.partition("=") if token.startswith("--") else (token, "", "")
+        if option in CONTROLLED_OPTIONS:
+            raise SparkOptsError(f"{name} may not contain {option}: {CONTROLLED_OPTIONS[option]}")
+        if option not in ALLOWED_OPTIONS:
+            what = "is not a spark-submit option" + ("" if token.startswith("-") else " (values follow their option)")
+            allowed = " ".join(sorted(o for o in ALLOWED_OPTIONS if o.startswith("--")))
+            raise SparkOptsError(f"{name}: {token!r} {what}; allowed: {allowed} ({EXAMPLE})")
+        takes_value = ALLOWED_OPTIONS[option]
+        if not takes_value:
+            if eq:
+                raise SparkOptsError(f"{name}: {option} takes no value, got {token!r}")
+            i += 1
+            continue
+        if eq:
+            value, i = inline, i + 1
+        elif i + 1 < len(tokens):
+            value, i = tokens[i + 1], i + 2
+        else:
+            raise SparkOptsError(f"{name}: {option} needs a value ({EXAMPLE})")
+        if option in ("--conf", "-c"):
+            _check_conf(value, name)
+    return tokens
+
+
+def _check_conf(value: str, name: str) -> None:
+    key, eq, _ = value.partition("=")
+    if not eq or not key.strip():
+        raise SparkOptsError(f"{name}: --conf needs KEY=VALUE, got {value!r} (e.g. --conf spark.executor.memory=1g)")
+    if key.strip() in CONTROLLED_CONFS:
+        option = CONTROLLED_CONFS[key.strip()]
+        raise SparkOptsError(f"{name} may not set {key.strip()}: {CONTROLLED_OPTIONS[option]}")
+
+
+def spec_master(spark_opts: str) -> str | None:
+    """The `--master` of a kernelspec's SPARK_OPTS template (None when it names none)."""
+    m = _MASTER.search(spark_opts)
+    return m[1] if m else None
+
+
+def check_username(username: str) -> str:
+    """A user name that can be passed to `sudo -u` and `--proxy-user` as is."""
+    if not USERNAME.match(username):
+        raise SparkOptsError(
+            f"KERNEL_USERNAME {username!r} cannot be impersonated: a user name has letters, digits and . _ @ - only"
+        )
+    return username

@@ -1,0 +1,517 @@
+"""`check` and `sync`: kernelspecs on the hosts that run their kernels, over the provisioner's pooled SSH connections.
+
+A spec must exist on every one of its remote hosts at the same path with the same content; `sync` copies it there
+over SFTP (staged beside the destination, then renamed into place) and `check` proves that a kernel could start:
+login, spec content, interpreter, spark-submit, a connection back to the gateway and a usable kernel port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import shlex
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paramiko
+
+from .provisioner import parse_port_range
+from .specs import manifest
+from .ssh import CommandResult, SshError, SshPool, is_local
+
+CHECKS = ("ssh", "spec", "interpreter", "spark-submit", "callback", "ports")
+MANIFEST = (
+    "cd -- {dir} 2>/dev/null || exit 3; "
+    "find -L . \\( -name __pycache__ -o -name '*.pyc' \\) -prune -o -type f -exec sha256sum -- {{}} + "
+    "&& echo --- && find -L . \\( -name __pycache__ -o -name '*.pyc' \\) -prune -o -type f -perm -u=x -print"
+)
+PYTHON_PROBE = "import sys, ipykernel, Crypto; print(sys.version.split()[0], ipykernel.__version__)"
+R_PROBE = 'if (!requireNamespace("IRkernel", quietly = TRUE)) quit(status = 4)'
+CONNECT_PROBE = (
+    "import socket, sys; s = socket.create_connection((sys.argv[1], int(sys.argv[2])), float(sys.argv[4])); "
+    "s.sendall(sys.argv[3].encode()); s.close()"
+)
+PORT_PROBE = """\
+import random, socket, sys
+lower, upper, token, wait = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3].encode(), float(sys.argv[4])
+for port in [0] if upper == 0 else random.sample(range(lower, upper + 1), min(100, upper - lower + 1)):
+    s = socket.socket()
+    try:
+        s.bind(("0.0.0.0", port))
+        break
+    except OSError:
+        s.close()
+else:
+    print("none", flush=True)
+    sys.exit(2)
+s.listen(1)
+s.settimeout(wait)
+print(s.getsockname()[1], flush=True)
+try:
+    conn, _ = s.accept()
+    conn.settimeout(wait)
+    print("ok" if conn.recv(64) == token else "bad token", flush=True)
+except OSError as exc:
+    print("no connection:", exc, flush=True)
+"""
+
+
+@dataclass
+class Outcome:
+    """One cell of the check table."""
+
+    status: str  # ok, FAIL, skip or n/a
+    detail: str = ""
+    fix: str = ""
+
+
+def ok(detail: str = "") -> Outcome:
+    return Outcome("ok", detail)
+
+
+def fail(detail: str, fix: str = "") -> Outcome:
+    return Outcome("FAIL", detail, fix)
+
+
+@dataclass
+class Spec:
+    """An installed kernelspec and the hosts its kernels may run on."""
+
+    name: str
+    path: Path
+    data: dict[str, Any]
+    hosts: list[str]
+    port_range: str
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {k: str(v) for k, v in (self.data.get("env") or {}).items()}
+
+    @property
+    def language(self) -> str:
+        return str(self.data.get("language", "")).lower()
+
+    @property
+    def interpreter(self) -> str:
+        """The interpreter the kernel runs in: PYSPARK_PYTHON for Spark Python specs, argv[0] otherwise."""
+        if self.language == "python":
+            return self.env.get("PYSPARK_PYTHON") or str(self.data["argv"][0])
+        if self.language == "r" and not str(self.data["argv"][0]).endswith(".sh"):
+            return str(self.data["argv"][0])
+        return ""
+
+    @property
+    def probe_python(self) -> str:
+        """A Python on the host for the network probes: the kernel's own, else python3 on PATH."""
+        return self.interpreter if self.language == "python" else "python3"
+
+
+@dataclass
+class Settings:
+    """What `check` and `sync` need besides the specs."""
+
+    pool: SshPool
+    response_ip: str = ""
+    response_port: int = 8877
+    timeout: float = 10.0
+    _listeners: dict[str, _Listener] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def listener(self, address: str) -> _Listener:
+        with self._lock:
+            if address not in self._listeners:
+                self._listeners[address] = _Listener(address, self.response_port)
+            return self._listeners[address]
+
+    def close(self) -> None:
+        for listener in self._listeners.values():
+            listener.close()
+        self.pool.close()
+
+
+class _Listener:
+    """Stands in for the gateway's response server: accepts connections and records the tokens hosts send."""
+
+    def __init__(self, address: str, port: int) -> None:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        try:
+            self.sock = socket.create_server((address, port), family=family)
+        except OSError:  # the gateway itself (or another check) holds the response port
+            self.sock = socket.create_server((address, 0), family=family)
+        self.address, self.port = address, self.sock.getsockname()[1]
+        self.tokens: set[bytes] = set()
+        self.cond = threading.Condition()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(2)
+                try:
+                    data = conn.recv(64)
+                except OSError:
+                    continue
+            with self.cond:
+                self.tokens.add(data)
+                self.cond.notify_all()
+
+    def received(self, token: str, timeout: float) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: token.encode() in self.tokens, timeout)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Host:
+    """Runs commands on one `remote_hosts` entry: over its pooled SSH connection, or here for a local entry."""
+
+    def __init__(self, entry: str, pool: SshPool) -> None:
+        self.entry, self.pool = entry, pool
+        self.local = is_local(entry, pool.settings)
+
+    def connect(self) -> str:
+        """Log in (raises SshError saying what to fix); returns who we are there."""
+        if self.local:
+            return "this machine: no SSH"
+        transport = self.pool.client(self.entry).get_transport()
+        assert transport is not None
+        return f"{transport.get_username()}@{self.pool.peer_address(self.entry)}"
+
+    def run(self, command: str, stdin: bytes = b"", timeout: float = 30.0) -> CommandResult:
+        if not self.local:
+            return self.pool.run(self.entry, command, stdin, timeout)
+        try:
+            proc = subprocess.run(["/bin/sh", "-c", command], input=stdin, capture_output=True, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise SshError(f"command did not finish within {timeout:g} s: {command!r}") from exc
+        return CommandResult(proc.returncode, proc.stdout.decode(errors="replace"), proc.stderr.decode("replace"))
+
+    def stream(self, command: str, stdin: bytes, timeout: float) -> Iterator[str]:
+        """Start `command`, feed it `stdin`, and yield its output lines as they come."""
+        if self.local:
+            proc = subprocess.Popen(
+                ["/bin/sh", "-c", command], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+            )
+            assert proc.stdin and proc.stdout
+            proc.stdin.write(stdin)
+            proc.stdin.close()
+            try:
+                yield from (line.decode(errors="replace") for line in proc.stdout)
+            finally:
+                proc.kill()
+                proc.wait()
+            return
+        channel = self.pool.open_session(self.entry, command)
+        try:
+            channel.settimeout(timeout)
+            channel.sendall(stdin)
+            channel.shutdown_write()
+            for line in channel.makefile("rb"):
+                yield line.decode(errors="replace")
+        finally:
+            channel.close()
+
+    def gateway_address(self) -> str:
+        """Our address as this host reaches it (what the provisioner gives kernels to call back to)."""
+        if self.local:
+            return "127.0.0.1"
+        address = self.pool.local_address(self.entry)
+        if not address:
+            raise SshError(f"cannot tell which address {self.entry} reaches this machine at (ProxyJump?)")
+        return address
+
+    def address(self) -> str:
+        return "127.0.0.1" if self.local else self.pool.peer_address(self.entry)
+
+
+# ------------------------------------------------------------------------------------------------ manifests
+def remote_manifest(host: Host, path: Path) -> dict[str, tuple[str, bool]] | None:
+    """What `specs.manifest` would say on the host, or None when the directory is not there."""
+    res = host.run(MANIFEST.format(dir=shlex.quote(str(path))))
+    if res.status == 3:
+        return None
+    if res.status != 0:
+        raise SshError(f"cannot list {path} on {host.entry}: {res.stderr.strip() or f'exit {res.status}'}")
+    sums, _, executables = res.stdout.partition("---\n")
+    execs = {line[2:] for line in executables.splitlines() if line.startswith("./")}
+    result = {}
+    for line in sums.splitlines():
+        digest, _, name = line.partition("  ")
+        if name.startswith("./"):
+            result[name[2:]] = (digest, name[2:] in execs)
+    return result
+
+
+def describe_difference(local: dict[str, tuple[str, bool]], remote: dict[str, tuple[str, bool]]) -> str:
+    """What differs between two manifests, naming a few files of each kind."""
+
+    def some(names: set[str]) -> str:
+        ordered = sorted(names)
+        return ", ".join(ordered[:4]) + (f" and {len(ordered) - 4} more" if len(ordered) > 4 else "")
+
+    both = set(local) & set(remote)
+    kinds = {
+        "missing there": set(local) - set(remote),
+        "different content": {n for n in both if local[n][0] != remote[n][0]},
+        "different mode": {n for n in both if local[n][0] == remote[n][0] and local[n][1] != remote[n][1]},
+        "only there": set(remote) - set(local),
+    }
+    parts = [f"{label}: {some(names)}" for label, names in kinds.items() if names]
+    return "; ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------ check
+def _check_spec(host: Host, spec: Spec) -> Outcome:
+    if host.local:
+        return ok("this machine's own copy")
+    fix = f"jupyter ssh-spec sync {spec.name}"
+    remote = remote_manifest(host, spec.path)
+    if remote is None:
+        return fail(f"{spec.path} does not exist on {host.entry}", fix)
+    local = manifest(spec.path)
+    if remote != local:
+        return fail(f"{spec.path} on {host.entry} differs ({describe_difference(local, remote)})", fix)
+    return ok(f"identical, {len(local)} files")
+
+
+def _check_interpreter(host: Host, spec: Spec) -> Outcome:
+    path = spec.interpreter
+    if not path:
+        return Outcome("n/a", "runs through spark-submit")
+    q = shlex.quote(path)
+    if spec.language == "python":
+        res = host.run(f"test -x {q} || exit 127; exec {q} -c {shlex.quote(PYTHON_PROBE)}")
+        install = f"{path} -m pip install ipykernel pycryptodome"
+    else:
+        res = host.run(f"test -x {q} || exit 127; exec {q} -e {shlex.quote(R_PROBE)}")
+        install = f"{path} -e 'install.packages(\"IRkernel\")'"
+    if res.status == 127:
+        return fail(
+            f"{path} does not exist on {host.entry} (or is not executable)",
+            "install it there at that path, or reinstall the spec with --interpreter set to a path every host has",
+        )
+    if res.status != 0:
+        last = (res.stderr.strip().splitlines() or [f"exit {res.status}"])[-1]
+        return fail(f"{path} on {host.entry} cannot load the kernel: {last}", f"on {host.entry}: {install}")
+    return ok(res.stdout.strip() or path)
+
+
+def _check_spark_submit(host: Host, spec: Spec) -> Outcome:
+    home = spec.env.get("SPARK_HOME")
+    if not home:
+        return Outcome("n/a", "not a Spark spec")
+    submit = f"{home.rstrip('/')}/bin/spark-submit"
+    if host.run(f"test -x {shlex.quote(submit)}").status != 0:
+        return fail(
+            f"{submit} is missing on {host.entry} (or not executable)",
+            f"install Spark at {home} on {host.entry}, or reinstall the spec with --spark-home set to where Spark is "
+            "on every host",
+        )
+    return ok(submit)
+
+
+def _check_callback(host: Host, spec: Spec, settings: Settings) -> Outcome:
+    try:
+        address = settings.response_ip or host.gateway_address()
+        listener = settings.listener(address)
+    except OSError as exc:
+        return fail(
+            f"cannot listen on {settings.response_ip or 'the gateway address'}: {exc.strerror or exc}",
+            "set GP_RESPONSE_IP (--response-ip) to an address of this machine that the hosts can reach",
+        )
+    token = secrets.token_hex(16)
+    args = [listener.address, str(listener.port), token, str(settings.timeout / 2)]
+    command = shlex.join([spec.probe_python, "-c", CONNECT_PROBE, *args])
+    res = host.run(command, timeout=settings.timeout)
+    if res.status == 0 and listener.received(token, 2.0):
+        return ok(f"reached {listener.address}:{listener.port}")
+    last = (res.stderr.strip().splitlines() or [f"exit {res.status}"])[-1]
+    return fail(
+        f"{host.entry} cannot connect to this gateway at {listener.address}:{listener.port}: {last}",
+        "let the host reach the gateway's response port (GP_RESPONSE_PORT) through any firewall, "
+        "or set GP_RESPONSE_IP to an address of the gateway that the host can reach",
+    )
+
+
+def _check_ports(host: Host, spec: Spec, settings: Settings) -> Outcome:
+    try:
+        lower, upper = parse_port_range(spec.port_range)
+    except ValueError as exc:
+        return fail(str(exc), f"fix port_range in metadata.kernel_provisioner.config of {spec.path}/kernel.json")
+    token = secrets.token_hex(16)
+    args = [str(lower), str(upper), token, str(settings.timeout / 2)]
+    command = shlex.join([spec.probe_python, "-", *args])
+    lines = host.stream(command, PORT_PROBE.encode(), settings.timeout)
+    first = next(lines, "").strip()
+    if first == "none":
+        return fail(f"no free port in {spec.port_range} on {host.entry}", "choose a port_range with free ports")
+    if not first.isdigit():
+        return fail(f"the port probe did not start on {host.entry} ({spec.probe_python})", "see the interpreter check")
+    port = int(first)
+    where = f"{host.address()}:{port}"
+    try:
+        with socket.create_connection((host.address(), port), timeout=settings.timeout / 2) as sock:
+            sock.sendall(token.encode())
+    except OSError as exc:
+        lines.close()
+        return fail(
+            f"this gateway cannot connect to {where} (a kernel port on {host.entry}): {exc.strerror or exc}",
+            f"let the gateway reach ports {spec.port_range if upper else '(any)'} on {host.entry} through any "
+            "firewall, or set a port_range that is open",
+        )
+    result = next(lines, "").strip()
+    lines.close()
+    if result != "ok":
+        return fail(f"kernel port {where}: {result or 'no answer'}")
+    return ok(f"{where} reachable" + (f" (range {spec.port_range})" if upper else ""))
+
+
+def check_host(host: Host, spec: Spec, settings: Settings) -> dict[str, Outcome]:
+    """Every check of one spec on one host; after a failed login the rest are skipped."""
+    results: dict[str, Outcome] = {}
+    try:
+        results["ssh"] = ok(host.connect())
+    except SshError as exc:
+        results["ssh"] = fail(str(exc))
+        return results | {name: Outcome("skip", "no SSH") for name in CHECKS[1:]}
+    steps: list[tuple[str, Callable[[], Outcome]]] = [
+        ("spec", lambda: _check_spec(host, spec)),
+        ("interpreter", lambda: _check_interpreter(host, spec)),
+        ("spark-submit", lambda: _check_spark_submit(host, spec)),
+        ("callback", lambda: _check_callback(host, spec, settings)),
+        ("ports", lambda: _check_ports(host, spec, settings)),
+    ]
+    for name, step in steps:
+        if name in ("callback", "ports") and spec.language == "python" and results["interpreter"].status == "FAIL":
+            results[name] = Outcome("skip", "the kernel's Python is unusable")
+            continue
+        try:
+            results[name] = step()
+        except (SshError, OSError) as exc:
+            results[name] = fail(f"{type(exc).__name__}: {exc}")
+    return results
+
+
+def check(specs: list[Spec], settings: Settings, out: Callable[[str], None] = print) -> bool:
+    """Check every host of every spec (concurrently) and print one table per spec; True when all passed."""
+    jobs = [(spec, entry) for spec in specs for entry in spec.hosts]
+    with ThreadPoolExecutor(max_workers=16) as executor:
+        results = list(executor.map(lambda job: check_host(Host(job[1], settings.pool), job[0], settings), jobs))
+    by_spec: dict[str, dict[str, dict[str, Outcome]]] = {}
+    for (spec, entry), result in zip(jobs, results, strict=True):
+        by_spec.setdefault(spec.name, {})[entry] = result
+    passed = True
+    for spec in specs:
+        table = by_spec.get(spec.name, {})
+        out(render_table(spec, table))
+        passed = passed and all(o.status != "FAIL" for r in table.values() for o in r.values())
+    return passed
+
+
+def render_table(spec: Spec, table: dict[str, dict[str, Outcome]]) -> str:
+    rows = [["host", *CHECKS]] + [[entry, *(r[c].status for c in CHECKS)] for entry, r in table.items()]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [f"{spec.name}: {spec.path}"]
+    lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    for entry, result in table.items():
+        for name in CHECKS:
+            outcome = result[name]
+            if outcome.status == "FAIL":
+                lines.append(f"  {entry} {name}: {outcome.detail}")
+                if outcome.fix:
+                    lines.append(f"      fix: {outcome.fix}")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ sync
+def _upload(host: Host, src: Path) -> None:
+    """Copy `src` to the same path on the host: staged beside it, then renamed into place over SFTP."""
+    dest = str(src)
+    parent = str(src.parent)
+    res = host.run(f"mkdir -p -- {shlex.quote(parent)}")
+    if res.status != 0:
+        raise SshError(f"cannot create {parent} on {host.entry}: {res.stderr.strip()}")
+    box = f"{parent}/.{src.name}.partial-{secrets.token_hex(4)}"
+    sftp = host.pool.client(host.entry).open_sftp()
+    try:
+        _sftp_swap(sftp, src, box)
+    except OSError as exc:
+        raise SshError(
+            f"cannot write {dest} on {host.entry}: {exc.strerror or exc}. Sync as a user who may write there "
+            "(--remote-user, or User in ssh_config)"
+        ) from exc
+    finally:
+        sftp.close()
+        host.run(f"rm -rf -- {shlex.quote(box)}")
+
+
+def _sftp_swap(sftp: paramiko.SFTPClient, src: Path, box: str) -> None:
+    """Upload `src` into `box`/new, then rename it to `src`'s path (the old copy goes to `box`/old)."""
+    dest, new, old = str(src), f"{box}/new", f"{box}/old"
+    files = manifest(src)
+    sftp.mkdir(box, 0o700)
+    sftp.mkdir(new, 0o755)
+    for rel in sorted({str(p) for f in files for p in Path(f).parents} - {"."}, key=lambda p: p.count("/")):
+        sftp.mkdir(f"{new}/{rel}", 0o755)
+    for rel in files:
+        sftp.put(str(src / rel), f"{new}/{rel}")
+        sftp.chmod(f"{new}/{rel}", (src / rel).stat().st_mode & 0o777)
+    with contextlib.suppress(FileNotFoundError):
+        sftp.posix_rename(dest, old)
+    try:
+        sftp.posix_rename(new, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            sftp.posix_rename(old, dest)
+        raise
+
+
+def sync_host(host: Host, spec: Spec, out: Callable[[str], None]) -> bool:
+    """Bring one host's copy of one spec up to date; reports progress through `out`."""
+    tag = f"{host.entry}: {spec.name}:"
+    if host.local:
+        out(f"{tag} this machine, nothing to copy")
+        return True
+    try:
+        host.connect()
+        local = manifest(spec.path)
+        remote = remote_manifest(host, spec.path)
+        if remote == local:
+            out(f"{tag} up to date")
+            return True
+        size = sum((spec.path / rel).stat().st_size for rel in local)
+        why = "missing there" if remote is None else describe_difference(local, remote)
+        out(f"{tag} copying {len(local)} files ({size / 1024:.1f} KiB) to {spec.path} ({why})")
+        started = time.monotonic()
+        _upload(host, spec.path)
+        out(f"{tag} done in {time.monotonic() - started:.2f} s")
+        return True
+    except (SshError, OSError) as exc:
+        out(f"{tag} FAILED: {exc}")
+        return False
+
+
+def sync(specs: list[Spec], settings: Settings, out: Callable[[str], None] = print) -> bool:
+    """Copy every spec to every one of its hosts (concurrently); True when every host has it now."""
+    lock = threading.Lock()
+
+    def say(line: str) -> None:
+        with lock:
+            out(line)
+
+    jobs = [(spec, entry) for spec in specs for entry in spec.hosts]
+    with ThreadPoolExecutor(max_workers=16) as executor:
+        done = list(executor.map(lambda job: sync_host(Host(job[1], settings.pool), job[0], say), jobs))
+    return all(done)

@@ -1,0 +1,241 @@
+"""Spark kernels through the provisioner over SSH, on a real standalone cluster (tests/spark_cluster.py).
+
+YARN client mode cannot run here (no ResourceManager): its tests check the exact spark-submit command a YARN spec
+runs and that an unreachable ResourceManager fails a start fast, with spark-submit's error in the message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shlex
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jupyter_client import AsyncKernelManager
+
+from spark_gateway.specs import SpecOptions, install
+from tests.conftest import env, execute, kernel_processes
+from tests.spark_cluster import SPARK_HOME, SparkCluster, python_without_pyspark, spark_distribution
+
+pytestmark = pytest.mark.asyncio
+
+YARN_SITE = """<?xml version="1.0"?>
+<configuration>
+  <property><name>yarn.resourcemanager.address</name><value>127.0.0.1:9</value></property>
+  <property><name>yarn.resourcemanager.connect.max-wait.ms</name><value>2000</value></property>
+  <property><name>yarn.resourcemanager.connect.retry-interval.ms</name><value>500</value></property>
+</configuration>
+"""
+CORE_SITE = """<?xml version="1.0"?>
+<configuration>
+  <property><name>ipc.client.connect.max.retries</name><value>0</value></property>
+</configuration>
+"""
+PWNED = "/tmp/sg-pwned-spark"
+
+
+@pytest.fixture(scope="module")
+def spark_specs(kernels_dir: Path, spark_cluster: SparkCluster, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Spark kernelspecs (rendered from kernelspecs/ssh_python_spark by spark_gateway.specs) in `kernels_dir`."""
+    work = tmp_path_factory.mktemp("spark")
+    hadoop_conf = work / "hadoop-conf"
+    hadoop_conf.mkdir()
+    (hadoop_conf / "yarn-site.xml").write_text(YARN_SITE)
+    (hadoop_conf / "core-site.xml").write_text(CORE_SITE)
+    yarn_env = {"HADOOP_CONF_DIR": str(hadoop_conf), "SPARK_PRINT_LAUNCH_COMMAND": "1"}
+
+    def spec(name: str, master: str, mode: str, env: dict[str, str] | None = None, **options: Any) -> None:
+        options = {"spark_home": SPARK_HOME, **options}
+        opts, _ = SpecOptions(spark=True, spark_master=master, spark_init_mode=mode, kernel_name=name,
+                              **options).resolve()  # fmt: skip
+        path = install(opts, kernels_dir / name, replace=True)
+        if env:
+            data = json.loads((path / "kernel.json").read_text())
+            data["env"].update(env)
+            (path / "kernel.json").write_text(json.dumps(data))
+
+    spec("spark_lazy", spark_cluster.url, "lazy")
+    spec("spark_eager_findspark", spark_cluster.url, "eager", interpreter=python_without_pyspark(work / "venv"),
+         spark_home=str(spark_distribution(work / "spark-dist")))  # fmt: skip
+    spec("spark_no_home", spark_cluster.url, "eager", spark_home="/nonexistent/spark")
+    spec("yarn_eager", "yarn", "eager", env=yarn_env)
+    spec("yarn_lazy", "yarn", "lazy", env=yarn_env)
+    return kernels_dir
+
+
+async def until(predicate: Callable[[], Any], timeout: float = 60.0) -> Any:
+    """Poll `predicate` until it returns something truthy (returned), or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (result := predicate()):
+        assert time.monotonic() < deadline, f"condition not met within {timeout} s"
+        await asyncio.sleep(0.2)
+    return result
+
+
+def log_text(km: AsyncKernelManager) -> str:
+    return Path(km.provisioner.log_file).read_text(errors="replace")
+
+
+def submit_args(log: str) -> list[str]:
+    """The spark-submit arguments of the `Spark Command:` line (SPARK_PRINT_LAUNCH_COMMAND=1) in a kernel log."""
+    line = next(line for line in log.splitlines() if line.startswith("Spark Command:"))
+    words = shlex.split(line)
+    return words[words.index("org.apache.spark.deploy.SparkSubmit") + 1 :]
+
+
+async def test_lazy_and_eager_kernels_run_side_by_side(lab, managers, spark_cluster, spark_specs, caplog):
+    """Lazy (ready before its session) and eager (session first, found by findspark) kernels share the cluster."""
+    caplog.set_level(logging.INFO)
+    host1, host2 = lab.hosts[0], lab.hosts[1]
+    lazy, eager = managers("spark_lazy"), managers("spark_eager_findspark")
+    note = "$(touch /tmp/sg-pwned-spark) `touch /tmp/sg-pwned-spark`; x'"
+    extra = f"--conf spark.executor.memory=512m --conf {shlex.quote('spark.sg.note=' + note)} --executor-cores 1"
+    await lazy.start_kernel(env=env(KERNEL_REMOTE_HOST=host1.name))
+    assert lazy.provisioner.spark["state"] == "starting"  # ready at once: the JVM starts after the kernel
+    await eager.start_kernel(env=env(KERNEL_REMOTE_HOST=host2.name, KERNEL_EXTRA_SPARK_OPTS=extra))
+    assert eager.provisioner.spark["state"] == "ready"  # the session existed before the callback
+    assert spark_cluster.app(eager.kernel_id)["state"] == "RUNNING"
+
+    code = (
+        "import json, socket, pyspark\n"
+        "hosts = sorted(set(sc.parallelize(range(4), 2).map(lambda _: socket.gethostname()).collect()))\n"
+        "print(json.dumps([hosts, spark.range(1000).selectExpr('sum(id)').first()[0], sc.applicationId, sc.appName,\n"
+        "      spark.conf.get('spark.executor.memory', None), spark.conf.get('spark.sg.note', None), pyspark.__file__]))"
+    )
+    (lazy_out, lazy_reply), (eager_out, eager_reply) = await asyncio.gather(execute(lazy, code), execute(eager, code))
+    assert lazy_reply["status"] == eager_reply["status"] == "ok", (lazy_out, eager_out)
+    results = {}
+    for km, out in ((lazy, lazy_out), (eager, eager_out)):
+        first, last = out.strip().splitlines()[0], out.strip().splitlines()[-1]
+        hosts, total, app_id, app_name, memory, note_seen, pyspark_file = json.loads(last)
+        results[km.kernel_id] = app_id
+        app = spark_cluster.app(km.kernel_id)
+        assert (app["id"], app["name"], app["state"], app["cores"]) == (app_id, km.kernel_id, "RUNNING", 1)
+        assert app_name == km.kernel_id and total == 499500
+        assert hosts == [lab.hosts[-1].hostname]  # the executors ran on the cluster's host
+        assert first.startswith(f"Spark application {app_id} ({km.kernel_id}) on {spark_cluster.url}; Spark UI: http")
+        info = (await until(lambda km=km: km.provisioner.spark.get("state") == "ready" and km.provisioner.spark))
+        assert info["app_id"] == app_id and first.endswith(info["ui_url"])
+        assert (await km.provisioner.get_provisioner_info())["spark"] == info
+        assert any(app_id in r.getMessage() and info["ui_url"] in r.getMessage() for r in caplog.records)
+        assert f"application {app_id}" in log_text(km) and info["ui_url"] in log_text(km)
+        if km is eager:
+            assert (memory, note_seen) == ("512m", note)  # the client's options, verbatim
+            assert pyspark_file.endswith("/spark-dist/python/pyspark/__init__.py")  # findspark, from SPARK_HOME
+        else:
+            assert (memory, note_seen) == (None, None)
+    assert not os.path.exists(PWNED)
+
+    await asyncio.gather(lazy.shutdown_kernel(), eager.shutdown_kernel())
+    for km, host in ((lazy, host1), (eager, host2)):
+        await until(lambda km=km: spark_cluster.app(km.kernel_id)["state"] == "FINISHED")
+        await until(lambda km=km: not spark_cluster.executors(results[km.kernel_id]), timeout=30)
+        assert kernel_processes(host, km.kernel_id) == []  # no driver JVM, no launcher
+
+
+async def test_bad_extra_spark_opts_are_refused_before_anything_runs(lab, managers, spark_specs):
+    host = lab.hosts[0]
+    refused = {
+        "$(touch /tmp/sg-pwned-spark)": "'$(touch' is not a spark-submit option",
+        "--conf spark.executor.memory=1g; touch /tmp/sg-pwned-spark": "'touch' is not a spark-submit option",
+        "--conf 'spark.a=1": "cannot be parsed (No closing quotation)",
+        "--master local[*]": "may not contain --master",
+        "--name=other": "may not contain --name",
+        "--proxy-user bob": "may not contain --proxy-user",
+        "--conf spark.app.name=other": "may not set spark.app.name",
+        "--executor-memory": "--executor-memory needs a value",
+        "--conf novalue": "--conf needs KEY=VALUE",
+    }
+    for opts, message in refused.items():
+        km = managers("spark_lazy")
+        with pytest.raises(Exception, match="KERNEL_EXTRA_SPARK_OPTS") as info:
+            await km.start_kernel(env=env(KERNEL_REMOTE_HOST=host.name, KERNEL_EXTRA_SPARK_OPTS=opts))
+        assert info.value.status_code == 400 and message in str(info.value), (opts, str(info.value))
+        assert kernel_processes(host, km.kernel_id) == []
+    km = managers("spark_lazy", impersonation_enabled=True)
+    with pytest.raises(Exception, match="cannot be impersonated") as info:
+        await km.start_kernel(env=env(KERNEL_REMOTE_HOST=host.name, KERNEL_USERNAME="bob; id"))
+    assert info.value.status_code == 400
+    assert not os.path.exists(PWNED)
+
+
+async def test_interrupt_cancels_the_running_job_and_the_kernel_stays_usable(lab, managers, spark_specs):
+    host = lab.hosts[0]
+    km = managers("spark_lazy")
+    await km.start_kernel(env=env(KERNEL_REMOTE_HOST=host.name))
+    assert (await execute(km, "print(spark.range(3).count())"))[0].strip().endswith("3")
+    ui = await until(lambda: km.provisioner.spark.get("ui_url"))
+    api = f"http://{host.address}:{ui.rsplit(':', 1)[1]}/api/v1/applications/{km.provisioner.spark['app_id']}/jobs"
+
+    def jobs(status: str) -> list[int]:
+        with urllib.request.urlopen(f"{api}?status={status}", timeout=5) as reply:
+            return [job["jobId"] for job in json.loads(reply.read())]
+
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=60)
+        msg_id = kc.execute("sc.parallelize([0], 1).foreach(lambda _: __import__('time').sleep(3600))")
+        (job,) = await until(lambda: jobs("running"))
+        await km.interrupt_kernel()
+        reply = await kc.get_shell_msg(timeout=60)
+        assert reply["parent_header"]["msg_id"] == msg_id
+        assert (reply["content"]["status"], reply["content"]["ename"]) == ("error", "KeyboardInterrupt")
+        assert job in await until(lambda: jobs("failed"))  # cancelled, no longer running
+        assert job not in jobs("running")
+    finally:
+        kc.stop_channels()
+    assert "cancelled all Spark jobs" in log_text(km)
+    out, reply = await execute(km, "print('after', spark.range(7).count())")
+    assert reply["status"] == "ok" and out.strip() == "after 7"
+    await km.shutdown_kernel()
+
+
+async def test_yarn_client_command_and_unreachable_resource_manager(lab, managers, spark_specs):
+    """Eager: start_kernel fails fast with spark-submit's error. Lazy: ready, then `spark` raises that error."""
+    host = lab.hosts[1]
+    eager = managers("yarn_eager", impersonation_enabled=True)
+    lazy = managers("yarn_lazy")
+    extra = "--conf spark.executor.memory=1g --num-executors 2"
+    eager_start, lazy_start = await asyncio.gather(
+        eager.start_kernel(env=env(KERNEL_REMOTE_HOST=host.name, KERNEL_EXTRA_SPARK_OPTS=extra)),
+        lazy.start_kernel(env=env(KERNEL_REMOTE_HOST=host.name)),
+        return_exceptions=True,
+    )
+    assert lazy_start is None
+    assert isinstance(eager_start, Exception) and eager_start.status_code == 500
+    message = str(eager_start)
+    assert "cannot create the SparkSession (eager mode): java.net.ConnectException" in message
+    assert "localhost:9 failed on connection exception" in message  # Hadoop names 127.0.0.1 so
+    assert submit_args(log_text(eager)) == [
+        "--master", "yarn", "--deploy-mode", "client", "--conf", "spark.executor.memory=1g",
+        "--name", eager.kernel_id, "--num-executors", "2", "--proxy-user", "alice", "pyspark-shell",
+    ]  # fmt: skip
+    assert kernel_processes(host, eager.kernel_id) == []
+
+    failed = await until(lambda: lazy.provisioner.spark.get("state") == "failed" and lazy.provisioner.spark)
+    assert failed["error"].startswith("java.net.ConnectException")
+    out, reply = await execute(lazy, "spark.range(1).count()")
+    assert reply["status"] == "error" and reply["ename"] == "SparkSessionError"
+    assert "the SparkSession could not be created: java.net.ConnectException" in out
+    out, reply = await execute(lazy, "print(6 * 7)")  # the kernel itself works
+    assert out.strip() == "42"
+    assert submit_args(log_text(lazy)) == [
+        "--master", "yarn", "--deploy-mode", "client", "--name", lazy.kernel_id, "pyspark-shell",
+    ]  # fmt: skip
+    await lazy.shutdown_kernel()
+
+
+async def test_missing_spark_home_fails_the_start_at_once(lab, managers, spark_specs):
+    host = lab.hosts[0]
+    km = managers("spark_no_home")
+    with pytest.raises(Exception, match="SPARK_HOME=/nonexistent/spark does not exist on") as info:
+        await km.start_kernel(env=env(KERNEL_REMOTE_HOST=host.name))
+    assert info.value.status_code == 500 and "exit status 1" in str(info.value)
