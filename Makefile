@@ -2,7 +2,7 @@
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip
-APT_PKGS := openssh-server openssh-client iproute2 procps util-linux
+APT_PKGS := openssh-server openssh-client iproute2 procps util-linux nftables
 export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: install system-deps test demo bench lint clean specs
