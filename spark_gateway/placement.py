@@ -17,7 +17,7 @@ from .ssh import split_host_port
 ALGORITHMS = ("round-robin", "least-connection", "least-load")
 # What `KERNEL_INVENTORY` prints on a host: the ids of the kernels running there, then its load figures.
 KERNEL_INVENTORY = (
-    "ps -eo args= | grep -o -e '--kernel-id [A-Za-z0-9._-]*' | sort -u; "
+    "ps -ww -eo args= | grep -o -e '--kernel-id [A-Za-z0-9._-]*' | sort -u; "
     "echo '--'; cat /proc/loadavg; getconf _NPROCESSORS_ONLN; grep -E '^Mem(Total|Available):' /proc/meminfo"
 )
 _ID = re.compile(r"--kernel-id ([A-Za-z0-9._-]+)")
@@ -70,8 +70,9 @@ class HostReport:
         )
 
     def headroom(self, extra_kernels: int = 0) -> float:
-        """Free share of CPU plus free share of memory (0..2); each kernel still launching counts as one load."""
-        cpu = max(0.0, 1.0 - (self.load1 + extra_kernels) / self.cpus)
+        """Free share of CPU (negative when overloaded) plus free share of memory; each kernel still launching
+        counts as one more unit of load."""
+        cpu = 1.0 - (self.load1 + extra_kernels) / self.cpus
         return cpu + self.mem_available / max(1, self.mem_total)
 
 

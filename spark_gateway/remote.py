@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import paramiko
 
-from .ssh import SshPool, in_thread
+from .ssh import SshPool, close_quietly, in_thread
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # $NAME, ${NAME} and ${NAME:-default} in kernelspec env values (operator text, as in the seed's examples)
@@ -169,6 +169,13 @@ class SshLaunch(LaunchHandle):
     async def start(cls, pool: SshPool, entry: str, script: str) -> SshLaunch:
         def begin() -> tuple[paramiko.Channel, int, bytes]:
             channel = pool.open_session(entry, SHELL)
+            try:
+                return started(channel)
+            except (paramiko.SSHException, EOFError, OSError) as exc:
+                close_quietly(channel)
+                raise OSError(f"SSH to {entry} broke while starting the kernel: {exc or type(exc).__name__}") from exc
+
+        def started(channel: paramiko.Channel) -> tuple[paramiko.Channel, int, bytes]:
             channel.sendall(script.encode())
             channel.shutdown_write()
             buf = b""
@@ -177,12 +184,12 @@ class SshLaunch(LaunchHandle):
                 if not data:
                     err = _read_all(channel.recv_stderr)
                     status = channel.recv_exit_status()
-                    channel.close()
+                    close_quietly(channel)
                     raise OSError(f"the launch shell on {entry} failed (exit {status}): {(buf + err).decode().strip()}")
                 buf += data
             first, _, rest = buf.partition(b"\n")
             if not first.startswith(b"pid "):
-                channel.close()
+                close_quietly(channel)
                 raise OSError(f"unexpected output from the launch shell on {entry}: {first.decode()!r}")
             return channel, int(first.split()[1]), rest
 
@@ -197,7 +204,7 @@ class SshLaunch(LaunchHandle):
         return await in_thread(drain)
 
     def detach(self) -> None:
-        self.channel.close()
+        close_quietly(self.channel)
 
 
 def _read_all(recv: object) -> bytes:

@@ -6,6 +6,7 @@ Every blocking paramiko call runs in a dedicated thread pool, so callers on the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import inspect
 import logging
@@ -248,9 +249,11 @@ class SshPool:
                     "in ssh_config / GP_REMOTE_USER."
                 ) from exc
             raise SshError(f"SSH to {t.entry} ({t.hostname}:{t.port}) failed: {exc}") from exc
-        except OSError as exc:
+        except (OSError, EOFError) as exc:
             client.close()
-            raise SshError(f"SSH to {t.entry} ({t.hostname}:{t.port}) failed: {exc}") from exc
+            raise SshError(
+                f"SSH to {t.entry} ({t.hostname}:{t.port}) failed: {exc or 'the connection was closed during login'}"
+            ) from exc
         transport = client.get_transport()
         assert transport is not None
         transport.set_keepalive(15)
@@ -267,12 +270,13 @@ class SshPool:
                 transport = client.get_transport()
                 assert transport is not None
                 channel = transport.open_session(timeout=self.settings.connect_timeout)
+                channel.exec_command(command)
             except (paramiko.SSHException, EOFError, OSError) as exc:
                 self.drop(entry)
                 if attempt == 2:
-                    raise ChannelOpenError(f"cannot open an SSH channel to {entry}: {exc}") from exc
+                    why = exc or type(exc).__name__
+                    raise ChannelOpenError(f"cannot open an SSH channel to {entry}: {why}") from exc
                 continue
-            channel.exec_command(command)
             return channel
         raise AssertionError("unreachable")
 
@@ -288,8 +292,10 @@ class SshPool:
             return CommandResult(channel.recv_exit_status(), out, err)
         except TimeoutError as exc:
             raise SshError(f"command on {entry} did not finish within {timeout:g} s: {command!r}") from exc
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            raise SshError(f"SSH to {entry} broke while running {command!r}: {exc or type(exc).__name__}") from exc
         finally:
-            channel.close()
+            close_quietly(channel)
 
     def local_address(self, entry: str) -> str | None:
         """Our side's address of the connection to `entry`: an address that host can reach us at."""
@@ -317,6 +323,12 @@ def _gss_options() -> dict[str, bool]:
             "paramiko 5): install 'paramiko<5' and 'gssapi', or use key authentication"
         )
     return {"gss_auth": True, "gss_kex": True}
+
+
+def close_quietly(channel: paramiko.Channel) -> None:
+    """Close a channel whose connection may already be dead."""
+    with contextlib.suppress(paramiko.SSHException, EOFError, OSError):
+        channel.close()
 
 
 def _drain(channel: paramiko.Channel) -> tuple[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -15,6 +16,8 @@ from jupyter_client import AsyncKernelManager
 from jupyter_client.kernelspec import KernelSpecManager
 from traitlets.config import Config
 
+from spark_gateway import provisioner
+from spark_gateway.health import Health
 from spark_gateway.specs import write_spec
 from tests.hostlab import HostLab, LabHost
 from tests.spark_cluster import spark_cluster  # noqa: F401 (session fixture: the shared Spark cluster)
@@ -30,6 +33,13 @@ def lab() -> Iterator[HostLab]:
         yield lab
     finally:
         lab.stop()
+
+
+@pytest.fixture(autouse=True)
+def fresh_host_health() -> None:
+    """Each test starts as a fresh gateway would: no host remembered as failed by an earlier test."""
+    for pool in provisioner._pools.values():
+        pool.health = Health()
 
 
 @pytest.fixture(scope="session")
@@ -83,6 +93,16 @@ async def managers(lab: HostLab, kernels_dir: Path) -> AsyncIterator[Callable[..
 
 def kernel_processes(host: LabHost, kernel_id: str) -> list[tuple[int, str]]:
     return [(pid, cmd) for pid, cmd in host.processes() if kernel_id in cmd]
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float) -> bool:
+    """Like `wait_for`, but lets the event loop (and the gateway's background tasks) run meanwhile."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(0.05)
+    return predicate()
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
