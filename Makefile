@@ -2,10 +2,10 @@
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip
-APT_PKGS := openssh-server openssh-client iproute2 procps util-linux nftables
+APT_PKGS := openssh-server openssh-client iproute2 procps util-linux nftables sudo
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install system-deps test demo bench lint clean specs
+.PHONY: install system-deps test demo demo-standalone bench lint clean specs
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,6 +28,9 @@ test: install system-deps  ## the whole suite against real sshd hosts, Spark and
 
 demo: install  ## executes examples/*.ipynb through the provisioner on this machine
 	$(PY) -m examples.demo
+
+demo-standalone: install system-deps  ## the same notebooks on SSH hosts in namespaces, against a standalone cluster (root)
+	$(PY) -m examples.demo --standalone
 
 bench: install system-deps  ## benchmarks: ratios against jupyter_client's LocalProvisioner, same run
 	$(PY) bench/launch.py

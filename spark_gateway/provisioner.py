@@ -10,6 +10,7 @@ import re
 import secrets
 import shlex
 import signal
+import threading
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -101,14 +102,23 @@ _selector = HostSelector()
 
 class HostUnavailable(Exception):
     """The host could not be used at all (SSH failed before the kernel started): another host may be tried."""
+
+
 _key_pair: Any = None
+_key_lock = threading.Lock()
+
+
+def _load_key() -> Any:
+    """The gateway's RSA key pair: one per process, generated once even when many launches ask at once."""
+    global _key_pair
+    with _key_lock:
+        if _key_pair is None:
+            _key_pair = callback.generate_key_pair()
+    return _key_pair
 
 
 async def _private_key() -> Any:
-    global _key_pair
-    if _key_pair is None:
-        _key_pair = await in_thread(callback.generate_key_pair)
-    return _key_pair
+    return _key_pair if _key_pair is not None else await in_thread(_load_key)
 
 
 class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
@@ -139,13 +149,21 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     prohibited_local_ips = List(Unicode(), config=True, help="Never hand these out (GP_PROHIBITED_LOCAL_IPS).")
     kernel_log_dir = Unicode(config=True, help="Directory of kernel-<id>.log on each host (GP_KERNEL_LOG_DIR).")
     restart_same_host = Bool(True, config=True, help="Restart a kernel on the host it ran on.")
+    unreachable_grace = Float(
+        config=True, help="Seconds a kernel's host may stay silent before it is reported lost (GP_UNREACHABLE_GRACE)."
+    )
     host_quarantine = Float(
         config=True, help="Seconds a failed host is left alone, doubling per failure up to 300 (GP_HOST_QUARANTINE)."
     )
 
+    @default("unreachable_grace")
+    def _grace_default(self) -> float:
+        return float(os.environ.get("GP_UNREACHABLE_GRACE", "30"))
+
     @default("host_quarantine")
     def _quarantine_default(self) -> float:
         return float(os.environ.get("GP_HOST_QUARANTINE", "5"))
+
     impersonation_enabled = Bool(
         config=True,
         help="Run kernels as KERNEL_USERNAME: --proxy-user for YARN Spark specs, sudo -u otherwise "
@@ -257,6 +275,7 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     _restart_host: str | None = None
     _launch: LaunchHandle | None = None
     _exit_status: int | None = None
+    _unreachable_since: float | None = None
 
     # ------------------------------------------------------------------ plumbing
     @property
@@ -289,9 +308,10 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         return await in_thread(self.pool.run, host, command, b"", timeout)
 
     async def _gateway(self) -> _Gateway:
+        key = await _private_key()
         loop = asyncio.get_running_loop()
-        if loop not in _gateways:
-            _gateways[loop] = _Gateway(callback.ResponseServer(await _private_key()))
+        if loop not in _gateways:  # no await between this check and the assignment: one server per loop
+            _gateways[loop] = _Gateway(callback.ResponseServer(key))
         return _gateways[loop]
 
     async def _response_address(self, host: str) -> str:
@@ -508,7 +528,7 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         }
         argv = [re.sub(r"\{(\w+)\}", lambda m: values.get(m[1], m[0]), arg) for arg in cmd]
         self.log_file = f"{self.kernel_log_dir.rstrip('/')}/kernel-{self.kernel_id}.log"
-        workdir = env.get("KERNEL_WORKING_DIR") or (cwd if local else None)
+        workdir = env.get("KERNEL_WORKING_DIR") or (str(cwd) if local and cwd else None)  # nbclient passes a Path
         exports = self._exports(env, username, token)
         script = launch_script(argv, exports, self.log_file, workdir, run_as=self._run_as(username))
         payload = gateway.server.register(self.kernel_id, token)
@@ -619,9 +639,12 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             self._spark_watch = asyncio.ensure_future(self._watch_spark())
 
     async def _watch_spark(self) -> None:
-        deadline = time.monotonic() + SPARK_WATCH_LIMIT
+        deadline, misses = time.monotonic() + SPARK_WATCH_LIMIT, 0
         while self.listener and (self.spark or {}).get("state") == "starting" and time.monotonic() < deadline:
-            if not await self._spark_info(wait=4.0):
+            misses = 0 if await self._spark_info(wait=4.0) else misses + 1
+            if misses >= 30:  # the kernel is gone or unreachable; poll() and the restarter deal with that
+                return
+            if misses:
                 await asyncio.sleep(1.0)
 
     async def _spark_info(self, wait: float) -> bool:
@@ -669,24 +692,36 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             return 0 if self._exit_status is None else self._exit_status
         try:
             await self._control("poll", timeout=2.0)
+            self._unreachable_since = None
             return None
         except ControlError:
             pass
-        if await self._alive_on_host(self.host):
+        alive = await self._alive_on_host(self.host)
+        if alive is None:  # neither the listener nor the host answers: lost only after a grace period
+            now = time.monotonic()
+            self._unreachable_since = self._unreachable_since or now
+            if now - self._unreachable_since < self.unreachable_grace:
+                return None
+            self.log.warning(
+                "kernel %s: %s unreachable for %.0f s; reporting the kernel lost", self.kernel_id, self.host,
+                now - self._unreachable_since,
+            )  # fmt: skip
+        elif alive:
+            self._unreachable_since = None
             return None
         self._exit_status = 1
         return 1
 
-    async def _alive_on_host(self, host: str) -> bool:
-        """Ask the host itself whether the kernel process runs (a zombie awaiting its reaper does not)."""
+    async def _alive_on_host(self, host: str) -> bool | None:
+        """Ask the host whether the kernel process runs (a zombie awaiting its reaper does not); None: no answer."""
         if self.pool.health.quarantined(host):
-            return False
+            return None
         try:
             res = await self._run_on_host(host, f"ps -o stat= -p {int(self.pid or 0)} | grep -q '^[^Z]'")
         except (SshError, OSError, asyncio.TimeoutError) as exc:
             self.log.warning("cannot reach %s to check kernel %s: %s", host, self.kernel_id, exc)
             self._host_failed(host, str(exc) or type(exc).__name__)
-            return False
+            return None
         return res.status == 0
 
     async def wait(self) -> int | None:

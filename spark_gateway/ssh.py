@@ -269,7 +269,8 @@ class SshPool:
             try:
                 transport = client.get_transport()
                 assert transport is not None
-                channel = transport.open_session(timeout=self.settings.connect_timeout)
+                # a live connection under load may take a while to open a channel: allow more than a TCP connect
+                channel = transport.open_session(timeout=max(10.0, self.settings.connect_timeout))
                 channel.exec_command(command)
             except (paramiko.SSHException, EOFError, OSError) as exc:
                 self.drop(entry)

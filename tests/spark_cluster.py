@@ -132,9 +132,11 @@ class SparkCluster:
                                            "--work-dir", str(work), self.url]))  # fmt: skip
         for name, args in daemons:
             with (self.dir / f"{name}.log").open("wb") as log:
+                command = [*prefix, spark_class, *args]
                 self.procs.append(
-                    subprocess.Popen([*prefix, spark_class, *args], env=env, stdin=subprocess.DEVNULL,
-                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+                    subprocess.Popen(
+                        command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+                    )
                 )
 
     def _wait_ready(self) -> None:

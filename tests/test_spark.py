@@ -11,17 +11,22 @@ import json
 import logging
 import os
 import shlex
+import shutil
+import sys
+import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from jupyter_client import AsyncKernelManager
+from jupyter_client.kernelspec import KernelSpecManager
 
 from spark_gateway.specs import SpecOptions, install
-from tests.conftest import env, execute, kernel_processes
+from tests.conftest import env, execute, gateway_config, kernel_processes
+from tests.hostlab import HostLab, LabHost
 from tests.spark_cluster import SPARK_HOME, SparkCluster, python_without_pyspark, spark_distribution
 
 pytestmark = pytest.mark.asyncio
@@ -39,6 +44,7 @@ CORE_SITE = """<?xml version="1.0"?>
 </configuration>
 """
 PWNED = "/tmp/sg-pwned-spark"
+LAB_USER = "sgspark"  # exists only inside one lab host (a private /etc/passwd there)
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +74,40 @@ def spark_specs(kernels_dir: Path, spark_cluster: SparkCluster, tmp_path_factory
     spec("yarn_eager", "yarn", "eager", env=yarn_env)
     spec("yarn_lazy", "yarn", "lazy", env=yarn_env)
     return kernels_dir
+
+
+@pytest.fixture
+def lab_user(lab: HostLab) -> Iterator[tuple[LabHost, str, Path]]:
+    """A user that exists on lab host 1 only (bind-mounted passwd/group there), and a kernels dir it can read."""
+    if lab.mode != "netns":
+        pytest.skip("a user private to one host needs the lab's netns mode (root)")
+    host = lab.hosts[0]
+    base = Path(tempfile.mkdtemp(prefix="sg-imp-"))
+    base.chmod(0o755)
+    uid = next(i for i in range(50000, 60000) if f":{i}:" not in Path("/etc/passwd").read_text())
+    home = base / "home"
+    home.mkdir()
+    os.chown(home, uid, uid)
+    mounts: list[tuple[Path, str]] = []
+    for name, line in (("passwd", f"{LAB_USER}:x:{uid}:{uid}::{home}:/bin/sh"), ("group", f"{LAB_USER}:x:{uid}:")):
+        (base / name).write_text(Path(f"/etc/{name}").read_text() + line + "\n")
+        (base / name).chmod(0o644)
+        mounts.append((base / name, f"/etc/{name}"))
+    python = Path(os.path.realpath(sys.executable))
+    if python.is_relative_to("/root"):  # e.g. pyenv under root's 0700 home: give the host a /root others may enter
+        top = Path("/root", python.relative_to("/root").parts[0])
+        shown = base / "root"
+        (shown / top.name).mkdir(parents=True)
+        shown.chmod(0o711)
+        mounts += [(top, str(shown / top.name)), (shown, "/root")]
+    try:
+        for source, target in mounts:
+            host.run(["mount", "--rbind", str(source), target])
+        yield host, LAB_USER, base
+    finally:
+        for _, target in reversed(mounts):
+            host.run(["umount", "--recursive", target], check=False)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 async def until(predicate: Callable[[], Any], timeout: float = 60.0) -> Any:
@@ -106,8 +146,9 @@ async def test_lazy_and_eager_kernels_run_side_by_side(lab, managers, spark_clus
     code = (
         "import json, socket, pyspark\n"
         "hosts = sorted(set(sc.parallelize(range(4), 2).map(lambda _: socket.gethostname()).collect()))\n"
-        "print(json.dumps([hosts, spark.range(1000).selectExpr('sum(id)').first()[0], sc.applicationId, sc.appName,\n"
-        "      spark.conf.get('spark.executor.memory', None), spark.conf.get('spark.sg.note', None), pyspark.__file__]))"
+        "total = spark.range(1000).selectExpr('sum(id)').first()[0]\n"
+        "conf = [spark.conf.get(key, None) for key in ('spark.executor.memory', 'spark.sg.note')]\n"
+        "print(json.dumps([hosts, total, sc.applicationId, sc.appName, *conf, pyspark.__file__]))"
     )
     (lazy_out, lazy_reply), (eager_out, eager_reply) = await asyncio.gather(execute(lazy, code), execute(eager, code))
     assert lazy_reply["status"] == eager_reply["status"] == "ok", (lazy_out, eager_out)
@@ -121,7 +162,7 @@ async def test_lazy_and_eager_kernels_run_side_by_side(lab, managers, spark_clus
         assert app_name == km.kernel_id and total == 499500
         assert hosts == [lab.hosts[-1].hostname]  # the executors ran on the cluster's host
         assert first.startswith(f"Spark application {app_id} ({km.kernel_id}) on {spark_cluster.url}; Spark UI: http")
-        info = (await until(lambda km=km: km.provisioner.spark.get("state") == "ready" and km.provisioner.spark))
+        info = await until(lambda km=km: km.provisioner.spark.get("state") == "ready" and km.provisioner.spark)
         assert info["app_id"] == app_id and first.endswith(info["ui_url"])
         assert (await km.provisioner.get_provisioner_info())["spark"] == info
         assert any(app_id in r.getMessage() and info["ui_url"] in r.getMessage() for r in caplog.records)
@@ -239,3 +280,25 @@ async def test_missing_spark_home_fails_the_start_at_once(lab, managers, spark_s
     with pytest.raises(Exception, match="SPARK_HOME=/nonexistent/spark does not exist on") as info:
         await km.start_kernel(env=env(KERNEL_REMOTE_HOST=host.name))
     assert info.value.status_code == 500 and "exit status 1" in str(info.value)
+
+
+async def test_impersonation_runs_the_kernel_as_the_user_with_sudo(lab, lab_user):
+    """Not YARN: the gateway runs run.sh under `sudo -u KERNEL_USERNAME`; the driver JVM is the user's too."""
+    host, user, base = lab_user
+    opts, _ = SpecOptions(spark=True, spark_master="local[1]", spark_home=SPARK_HOME, spark_init_mode="eager",
+                          kernel_name="spark_local").resolve()  # fmt: skip
+    install(opts, base / "kernels" / "spark_local")
+    km = AsyncKernelManager(kernel_name="spark_local", config=gateway_config(lab, impersonation_enabled=True),
+                            kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(base / "kernels")]))  # fmt: skip
+    await km.start_kernel(env=env(KERNEL_REMOTE_HOST=host.name, KERNEL_USERNAME=user))
+    try:
+        out, reply = await execute(km, "import getpass; print(getpass.getuser(), spark.range(3).count())")
+        assert reply["status"] == "ok" and out.strip().splitlines()[-1] == f"{user} 3"
+        programs: dict[int, set[str]] = {}
+        for pid, cmd in kernel_processes(host, km.kernel_id):
+            programs.setdefault(Path(f"/proc/{pid}").stat().st_uid, set()).add(Path(cmd.split()[0]).name)
+        uid = (base / "home").stat().st_uid
+        assert programs[0] == {"sudo"} and {"python3", "java"} <= programs[uid] and set(programs) == {0, uid}
+    finally:
+        await km.shutdown_kernel()
+    assert kernel_processes(host, km.kernel_id) == []

@@ -175,12 +175,13 @@ class SparkSessionStarter:
         self.state, self.error = "starting", ""
         self.session: Any = None
         self.details: dict[str, Any] = {}
-        self.started = time.monotonic()
+        self.started = 0.0
         self._jvm = _JvmOutput(log_fd)
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
         self._shown = False
         self._user_ns: dict[str, Any] | None = None
+        logging.getLogger("py4j").setLevel(logging.WARNING)  # not one line per py4j connection in the kernel log
 
     # -- creation
     def start(self) -> None:
@@ -190,6 +191,7 @@ class SparkSessionStarter:
 
     def create(self) -> None:
         """Create the session (blocking); the outcome is in ``state``, never raised."""
+        self.started = time.monotonic()
         try:
             from pyspark import SparkContext
             from pyspark.java_gateway import launch_gateway
@@ -208,7 +210,9 @@ class SparkSessionStarter:
                 "seconds": round(time.monotonic() - self.started, 3),
             }
         except BaseException as exc:  # noqa: BLE001 (reported, never raised: the kernel goes on)
-            self._finish("failed", error=self._explain(exc))
+            error = self._explain(exc)
+            self._end_jvm()
+            self._finish("failed", error=error)
             log.error("SparkSession could not be created: %s", self.error)
             return
         atexit.register(self.stop)
@@ -222,6 +226,17 @@ class SparkSessionStarter:
         if java is None and self._jvm.lines:
             text += f"\nspark-submit said:\n{self._jvm.errors()}"
         return text
+
+    @staticmethod
+    def _end_jvm() -> None:
+        """Kill the JVM of a failed start (nothing lingers; user code may start a fresh one)."""
+        from pyspark import SparkContext
+
+        proc = getattr(SparkContext._gateway, "proc", None)
+        SparkContext._gateway = SparkContext._jvm = None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
 
     def _finish(self, state: str, **fields: Any) -> None:
         with self._changed:
@@ -299,6 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     token = sl.take_launch_token()
     sl.configure_logging()
+    sender = sl.CallbackSender(args.response_address, args.public_key, args.kernel_id, token)  # before any thread
     mode = args.spark_context_initialization_mode
 
     spark: SparkSessionStarter | None = None
@@ -319,22 +335,25 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"error: cannot create the SparkSession (eager mode): {spark.error}")
 
     pid, pgid = os.getpid(), os.getpgid(0)
-    ports = sl.select_ports(args.port_range, len(sl.KERNEL_PORT_NAMES) + 1, args.ip)
+    reservation = sl.PortReservation(args.port_range, len(sl.KERNEL_PORT_NAMES) + 1, args.ip)
+    ports = reservation.ports
     info = sl.build_connection_info(ports[:-1], args.ip)
     path = connection_file_path(args.kernel_id)
     remove_on_exit(path)
     sl.write_connection_file(str(path), info)
+    reservation.release(ports[-1])
     listener = sl.ControlListener(pid, pgid, port=ports[-1], ip=args.ip, info=spark.info if spark else None)
     listener.start()
 
     fields = sl.payload_fields(args.kernel_id, info, pid, pgid, listener, str(path))
     try:
-        sl.send_connection_info(args.response_address, args.public_key, args.kernel_id, token, fields)
+        sender.send(fields)
     except sl.CallbackError as exc:
         sys.exit(f"error: {exc}")
 
     # The app ignores SIGINT except while a cell runs, where SIGINT raises KeyboardInterrupt.
     app = IPKernelApp.instance(kernel_class=kernel_class)
+    reservation.release()  # the kernel binds its ports now
     app.initialize(["-f", str(path)])
     if spark is not None:
         spark.install(app.shell)

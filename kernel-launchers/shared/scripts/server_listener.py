@@ -66,12 +66,34 @@ def _socket_for(ip: str) -> socket.socket:
     return socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM)
 
 
-def select_ports(port_range: str, count: int, ip: str = "0.0.0.0") -> list[int]:
-    """Return ``count`` distinct free TCP ports on ``ip``: random within the range, OS-assigned for ``0..0``."""
-    lower, upper = parse_port_range(port_range)
-    candidates = [0] * count if upper == 0 else random.sample(range(lower, upper + 1), upper - lower + 1)
-    held: list[socket.socket] = []
+def _ephemeral_low() -> int:
+    """First port of the range the OS hands out to outgoing connections."""
     try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+class PortReservation:
+    """Free ports held bound (not listening) until released one by one right before use, so that neither another
+    kernel starting on the host nor an outgoing connection of ours can take one in between.
+
+    Random within the port range; for ``0..0``, random below the OS's ephemeral range (outgoing connections never
+    use those), falling back to OS-assigned ports when that range is too small.
+    """
+
+    def __init__(self, port_range: str, count: int, ip: str = "0.0.0.0") -> None:
+        lower, upper = parse_port_range(port_range)
+        if upper == 0:
+            lower, upper = 10000, _ephemeral_low() - 1
+        if upper - lower + 1 >= 4 * count:
+            candidates = random.sample(range(lower, upper + 1), upper - lower + 1)
+        elif parse_port_range(port_range)[1] == 0:
+            candidates = [0] * count
+        else:
+            candidates = random.sample(range(lower, upper + 1), upper - lower + 1)
+        self._held: dict[int, socket.socket] = {}
         for port in candidates:
             sock = _socket_for(ip)
             try:
@@ -79,13 +101,26 @@ def select_ports(port_range: str, count: int, ip: str = "0.0.0.0") -> list[int]:
             except OSError:
                 sock.close()
                 continue
-            held.append(sock)
-            if len(held) == count:
-                return [s.getsockname()[1] for s in held]
-    finally:
-        for sock in held:
-            sock.close()
-    raise OSError(errno.EADDRINUSE, f"fewer than {count} free ports in range {port_range} on {ip}")
+            self._held[sock.getsockname()[1]] = sock
+            if len(self._held) == count:
+                self.ports = list(self._held)
+                return
+        self.release()
+        raise OSError(errno.EADDRINUSE, f"fewer than {count} free ports in range {port_range} on {ip}")
+
+    def release(self, *ports: int) -> None:
+        """Free `ports` (all, when none are named) for their real owner to bind."""
+        for port in ports or list(self._held):
+            sock = self._held.pop(port, None)
+            if sock is not None:
+                sock.close()
+
+
+def select_ports(port_range: str, count: int, ip: str = "0.0.0.0") -> list[int]:
+    """``count`` distinct free TCP ports on ``ip``, released at once (see PortReservation to hold them)."""
+    reservation = PortReservation(port_range, count, ip)
+    reservation.release()
+    return reservation.ports
 
 
 def build_connection_info(ports: list[int], ip: str = "0.0.0.0", kernel_name: str = "") -> dict[str, Any]:
