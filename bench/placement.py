@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import zmq
 from jupyter_client import AsyncKernelManager
 from jupyter_client.kernelspec import KernelSpecManager
 from traitlets.config import Config
@@ -28,6 +29,9 @@ async def ready(km: AsyncKernelManager, env: dict[str, str]) -> None:
     await km.start_kernel(env=env)
     kc = km.client()
     kc.start_channels()
+    # jupyter_client's kernel_info send can block the whole loop when a local kernel never comes up (seen with
+    # 24 LocalProvisioner kernels at once on 2 cores): bound it so such a kernel counts as failed
+    kc.shell_channel.socket.setsockopt(zmq.SNDTIMEO, 30000)
     try:
         await kc.wait_for_ready(timeout=120)
     finally:
