@@ -16,12 +16,13 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
+import paramiko
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import KernelProvisionerBase
 from tornado import web
 from traitlets import Bool, Float, Integer, List, Set, TraitError, Unicode, default, validate
 
-from . import callback
+from . import callback, tunnel
 from .control import ControlError, control_request
 from .placement import (
     ALGORITHMS,
@@ -149,12 +150,19 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     prohibited_local_ips = List(Unicode(), config=True, help="Never hand these out (GP_PROHIBITED_LOCAL_IPS).")
     kernel_log_dir = Unicode(config=True, help="Directory of kernel-<id>.log on each host (GP_KERNEL_LOG_DIR).")
     restart_same_host = Bool(True, config=True, help="Restart a kernel on the host it ran on.")
+    enable_tunneling = Bool(
+        config=True, help="Kernel ports, control and callback all through the SSH connection (GP_ENABLE_TUNNELING)."
+    )
     unreachable_grace = Float(
         config=True, help="Seconds a kernel's host may stay silent before it is reported lost (GP_UNREACHABLE_GRACE)."
     )
     host_quarantine = Float(
         config=True, help="Seconds a failed host is left alone, doubling per failure up to 300 (GP_HOST_QUARANTINE)."
     )
+
+    @default("enable_tunneling")
+    def _tunneling_default(self) -> bool:
+        return _env_bool("GP_ENABLE_TUNNELING", False)
 
     @default("unreachable_grace")
     def _grace_default(self) -> float:
@@ -276,6 +284,7 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     _launch: LaunchHandle | None = None
     _exit_status: int | None = None
     _unreachable_since: float | None = None
+    _tunnels: tunnel.Tunnels | None = None
 
     # ------------------------------------------------------------------ plumbing
     @property
@@ -332,14 +341,24 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 f"the gateway address {host} would call back to ({address}) is in GP_PROHIBITED_LOCAL_IPS: "
                 "set GP_RESPONSE_IP to an address that host can reach",
             )
+        port = await self._listen("0.0.0.0" if self.response_addr_any else address)
+        host_part = f"[{address}]" if ":" in address else address
+        return f"{host_part}:{port}"
+
+    async def _listen(self, bind: str) -> int:
+        """The port our callback server listens on at `bind`, listening there first if need be."""
         gateway = await self._gateway()
-        bind = "0.0.0.0" if self.response_addr_any else address
         async with gateway.lock:
             if bind not in gateway.ports:
                 first = next(iter(gateway.ports.values()), self.response_port)
                 gateway.ports[bind] = await gateway.server.listen(bind, first, self.response_port_retries)
-        host_part = f"[{address}]" if ":" in address else address
-        return f"{host_part}:{gateway.ports[bind]}"
+        return gateway.ports[bind]
+
+    async def _tunneled_response_address(self, host: str) -> str:
+        """A port on the host's loopback that the pooled connection forwards to our callback server."""
+        local = await self._listen("127.0.0.1")
+        transport = (await in_thread(self.pool.client, host)).get_transport()
+        return f"127.0.0.1:{await in_thread(tunnel.callback_forward, transport, local)}"
 
     # ------------------------------------------------------------------ launch
     @property
@@ -513,9 +532,13 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self, host: str, cmd: list[str], env: dict[str, str], username: str, port_range: str, cwd: str | None
     ) -> KernelConnectionInfo:
         local = self._is_local(host)
+        tunneled = self.enable_tunneling and not local
         try:
-            response_address = await self._response_address(host)
-        except SshError as exc:
+            if tunneled:
+                response_address = await self._tunneled_response_address(host)
+            else:
+                response_address = await self._response_address(host)
+        except (SshError, paramiko.SSHException, EOFError) as exc:
             raise HostUnavailable(str(exc)) from None
         gateway = await self._gateway()
         token = secrets.token_hex(32)
@@ -530,6 +553,8 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self.log_file = f"{self.kernel_log_dir.rstrip('/')}/kernel-{self.kernel_id}.log"
         workdir = env.get("KERNEL_WORKING_DIR") or (str(cwd) if local and cwd else None)  # nbclient passes a Path
         exports = self._exports(env, username, token)
+        if tunneled:
+            exports["GP_KERNEL_IP"] = "127.0.0.1"  # reachable only through the tunnel
         script = launch_script(argv, exports, self.log_file, workdir, run_as=self._run_as(username))
         payload = gateway.server.register(self.kernel_id, token)
         started = time.monotonic()
@@ -548,6 +573,8 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             self.kernel_id, host, info.get("hostname"), info.get("pid"), time.monotonic() - started,
         )
         connection = self._adopt_payload(host, info, await self._kernel_ip(host))
+        if tunneled:
+            connection = await self._tunnel_ports(host, connection)
         await self._start_spark_watch(argv)
         return connection
 
@@ -595,6 +622,18 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self.listener = (ip, int(info["listener_port"]), info["listener_secret"])
         self.remote_connection_file = info.get("connection_file")
         self._exit_status = None
+        self.connection_info = conn
+        return conn
+
+    async def _tunnel_ports(self, host: str, conn: KernelConnectionInfo) -> KernelConnectionInfo:
+        """Forward the kernel's ports and its listener to local ports; clients then connect to 127.0.0.1."""
+        transport = (await in_thread(self.pool.client, host)).get_transport()
+        self._tunnels = tunnel.Tunnels(transport)
+        conn = dict(conn, ip="127.0.0.1")
+        for name in ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port"):
+            conn[name] = self._tunnels.forward(int(conn[name]))
+        assert self.listener is not None
+        self.listener = ("127.0.0.1", self._tunnels.forward(self.listener[1]), self.listener[2])
         self.connection_info = conn
         return conn
 
@@ -769,6 +808,9 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 )  # fmt: skip
                 self.pool.health.owe(host, command)
                 await self._ensure_reaper()
+        if self._tunnels is not None:
+            self._tunnels.close()
+            self._tunnels = None
         if self._spark_watch is not None:
             self._spark_watch.cancel()
             self._spark_watch = None

@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--public-key", required=True)
     parser.add_argument("--kernel-class-name", default="ipykernel.ipkernel.IPythonKernel")
     parser.add_argument("--spark-context-initialization-mode", choices=("lazy", "eager", "none"), default="none")
-    parser.add_argument("--ip", default="0.0.0.0")
+    parser.add_argument("--ip", default=os.environ.get("GP_KERNEL_IP", "0.0.0.0"))
     return parser.parse_args(argv)
 
 

@@ -504,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port-range", default="0..0")
     parser.add_argument("--connection-file", required=True)
     parser.add_argument("--pid", type=int, required=True)
-    parser.add_argument("--ip", default="0.0.0.0")
+    parser.add_argument("--ip", default=os.environ.get("GP_KERNEL_IP", "0.0.0.0"))
     args = parser.parse_args(argv)
     token = take_launch_token()
     configure_logging()

@@ -1,0 +1,106 @@
+"""SSH tunnels on the pooled connection (`GP_ENABLE_TUNNELING`), for clusters where only SSH reaches the hosts.
+
+The kernel's ports and its control listener are forwarded to local ports of the gateway over `direct-tcpip`
+channels, and the kernel's callback comes back over a remote forward of the same connection. No extra processes:
+paramiko channels, and one thread per direction of each forwarded connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import weakref
+from typing import Any
+
+import paramiko
+
+_reverse: weakref.WeakKeyDictionary[paramiko.Transport, int] = weakref.WeakKeyDictionary()
+_reverse_lock = threading.Lock()
+
+
+def _half_close(end: Any) -> None:
+    with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+        if isinstance(end, paramiko.Channel):
+            end.shutdown_write()
+        else:
+            end.shutdown(socket.SHUT_WR)
+
+
+def splice(sock: socket.socket, channel: paramiko.Channel) -> None:
+    """Join a local socket and an SSH channel both ways; an EOF one way is passed on as a half-close (a request
+    sent and shut for writing still gets its reply), and both close once both ways are done."""
+    remaining = [2]
+    lock = threading.Lock()
+
+    def pump(src: Any, dst: Any) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except (OSError, EOFError, paramiko.SSHException):
+            pass
+        _half_close(dst)
+        with lock:
+            remaining[0] -= 1
+            last = remaining[0] == 0
+        if last:
+            for end in (sock, channel):
+                with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+                    end.close()
+
+    for src, dst in ((sock, channel), (channel, sock)):
+        threading.Thread(target=pump, args=(src, dst), daemon=True, name="sg-tunnel").start()
+
+
+def callback_forward(transport: paramiko.Transport, local_port: int) -> int:
+    """The port on the host's 127.0.0.1 that leads back to our callback server (one per connection)."""
+    with _reverse_lock:
+        if transport not in _reverse:
+
+            def arrived(channel: paramiko.Channel, origin: Any, server: Any) -> None:
+                try:
+                    splice(socket.create_connection(("127.0.0.1", local_port), timeout=10), channel)
+                except OSError:
+                    channel.close()
+
+            _reverse[transport] = transport.request_port_forward("127.0.0.1", 0, handler=arrived)
+        return _reverse[transport]
+
+
+class Tunnels:
+    """Local ports forwarded to ports on the host's loopback, for one kernel."""
+
+    def __init__(self, transport: paramiko.Transport) -> None:
+        self.transport = transport
+        self._listeners: list[socket.socket] = []
+
+    def forward(self, remote_port: int) -> int:
+        """A local port whose connections reach the host's 127.0.0.1:`remote_port`."""
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen(32)
+        self._listeners.append(server)
+        threading.Thread(target=self._serve, args=(server, remote_port), daemon=True, name="sg-tunnel").start()
+        return server.getsockname()[1]
+
+    def _serve(self, server: socket.socket, remote_port: int) -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return  # closed
+            try:
+                channel = self.transport.open_channel(
+                    "direct-tcpip", ("127.0.0.1", remote_port), conn.getpeername(), timeout=10
+                )
+            except (paramiko.SSHException, EOFError, OSError):
+                conn.close()
+                continue
+            splice(conn, channel)
+
+    def close(self) -> None:
+        for server in self._listeners:
+            with contextlib.suppress(OSError):
+                server.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+            server.close()
+        self._listeners.clear()

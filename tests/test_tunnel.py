@@ -1,0 +1,67 @@
+"""GP_ENABLE_TUNNELING against a host whose firewall lets nothing through but its SSH port."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import env, execute, kernel_processes, wait_for
+
+# In: only SSH (and replies). Out: nothing the host starts itself, so not even the callback to the gateway.
+RULES = """table inet sg_tunnel_test {
+  chain input { type filter hook input priority 0; policy drop; iif lo accept; ct state established,related accept;
+                tcp dport 22 accept; }
+  chain output { type filter hook output priority 0; policy drop; oif lo accept; ct state established,related accept; }
+}
+"""
+
+
+@pytest.fixture
+def walled_host(lab) -> Iterator:
+    if not shutil.which("nft") or lab.mode != "netns":
+        pytest.skip("needs nftables and namespace hosts (make test installs nftables)")
+    host = lab.hosts[1]
+    subprocess.run(["ip", "netns", "exec", host.netns, "nft", "-f", "-"], input=RULES, text=True, check=True)
+    try:
+        yield host
+    finally:
+        subprocess.run(["ip", "netns", "exec", host.netns, "nft", "delete", "table", "inet", "sg_tunnel_test"],
+                       check=False)
+
+
+@pytest.mark.asyncio
+async def test_without_tunneling_the_walled_host_cannot_call_back(walled_host, managers):
+    km = managers(launch_timeout=30)
+    with pytest.raises(Exception, match="cannot deliver connection info to"):
+        await km.start_kernel(env=env(KERNEL_REMOTE_HOST=walled_host.name))
+    assert wait_for(lambda: not kernel_processes(walled_host, km.kernel_id), 2)  # killed, not orphaned
+
+
+@pytest.mark.asyncio
+async def test_tunneled_kernel_works_through_ssh_alone(walled_host, managers):
+    km = managers(enable_tunneling=True)
+    await km.start_kernel(env=env(KERNEL_REMOTE_HOST=walled_host.name))
+    info = km.get_connection_info()
+    assert info["ip"] == "127.0.0.1" and km.provisioner.listener[0] == "127.0.0.1"
+    out, _ = await execute(km, "import socket; print(socket.gethostname())")
+    assert out.strip() == walled_host.hostname
+
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=30)
+        kc.execute("import time; time.sleep(60)")
+        await asyncio.sleep(0.5)
+        await km.interrupt_kernel()  # through the tunnelled control listener
+        reply = await kc.get_shell_msg(timeout=10)
+        assert reply["content"]["ename"] == "KeyboardInterrupt"
+    finally:
+        kc.stop_channels()
+    assert await km.provisioner._control("poll") == {"ok": True, "alive": True}
+    await km.shutdown_kernel()
+    assert wait_for(lambda: not kernel_processes(walled_host, km.kernel_id), 1.0)
+    assert not [p for p, cmd in walled_host.processes() if "ssh" not in cmd and km.kernel_id in cmd]
