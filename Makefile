@@ -32,8 +32,10 @@ demo: install  ## executes examples/*.ipynb through the provisioner on this mach
 demo-standalone: install system-deps  ## the same notebooks on SSH hosts in namespaces, against a standalone cluster (root)
 	$(PY) -m examples.demo --standalone
 
-bench: install system-deps  ## benchmarks: ratios against jupyter_client's LocalProvisioner, same run
+bench: install system-deps  ## benchmarks: ratios against references measured in the same run
 	$(PY) bench/launch.py
+	$(PY) bench/placement.py
+	$(PY) bench/spark.py
 
 SPARK_MASTER ?=
 SPECS_DIR ?= build/kernelspecs
