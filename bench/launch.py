@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from traitlets.config import Config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import until_ready, write_local_spec  # noqa: E402
 from spark_gateway.specs import write_spec  # noqa: E402
 from tests.hostlab import HostLab  # noqa: E402
 
@@ -53,13 +53,7 @@ class StallMeter:
 async def one_kernel(km: AsyncKernelManager, env: dict[str, str], gone: callable | None) -> dict[str, float]:
     meter = StallMeter()
     with meter:
-        started = time.perf_counter()
-        await km.start_kernel(env=env)
-        kc = km.client()
-        kc.start_channels()
-        await kc.wait_for_ready(timeout=60)
-        ready = time.perf_counter() - started
-        kc.stop_channels()
+        ready = await until_ready(km, env)
         launch_stall = meter.worst
     with meter:
         stopping = time.perf_counter()
@@ -80,11 +74,7 @@ async def main(runs: int) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             kernels = Path(tmp) / "kernels"
             write_spec(kernels / "ssh_python")
-            (kernels / "local_python").mkdir()
-            (kernels / "local_python" / "kernel.json").write_text(json.dumps({
-                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-                "display_name": "Local Python", "language": "python", "interrupt_mode": "signal",
-            }))
+            write_local_spec(kernels)
             ksm = KernelSpecManager(kernel_dirs=[str(kernels)])
             cfg = Config()
             cfg.DistributedProvisioner.ssh_config_file = str(lab.ssh_config)

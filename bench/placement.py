@@ -8,34 +8,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
-import zmq
 from jupyter_client import AsyncKernelManager
 from jupyter_client.kernelspec import KernelSpecManager
 from traitlets.config import Config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import until_ready, write_local_spec  # noqa: E402
 from spark_gateway.specs import write_spec  # noqa: E402
 from tests.hostlab import HostLab  # noqa: E402
-
-
-async def ready(km: AsyncKernelManager, env: dict[str, str]) -> None:
-    await km.start_kernel(env=env)
-    kc = km.client()
-    kc.start_channels()
-    # jupyter_client's kernel_info send can block the whole loop when a local kernel never comes up (seen with
-    # 24 LocalProvisioner kernels at once on 2 cores): bound it so such a kernel counts as failed
-    kc.shell_channel.socket.setsockopt(zmq.SNDTIMEO, 30000)
-    try:
-        await kc.wait_for_ready(timeout=120)
-    finally:
-        kc.stop_channels()
 
 
 async def burst(kms: list[AsyncKernelManager], env: dict[str, str], midway=None) -> tuple[float, list]:
@@ -44,7 +30,7 @@ async def burst(kms: list[AsyncKernelManager], env: dict[str, str], midway=None)
 
     async def one(km: AsyncKernelManager) -> None:
         nonlocal done
-        await ready(km, env)
+        await until_ready(km, env)
         done += 1
         if midway is not None and done == len(kms) // 2:
             midway()
@@ -60,11 +46,7 @@ async def main(count: int) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             kernels = Path(tmp) / "kernels"
             write_spec(kernels / "ssh_python")
-            (kernels / "local_python").mkdir()
-            (kernels / "local_python" / "kernel.json").write_text(json.dumps({
-                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-                "display_name": "Local Python", "language": "python",
-            }))
+            write_local_spec(kernels)
             ksm = KernelSpecManager(kernel_dirs=[str(kernels)])
             cfg = Config()
             cfg.DistributedProvisioner.ssh_config_file = str(lab.ssh_config)

@@ -28,6 +28,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from traitlets.config import Config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import until_ready  # noqa: E402
 from spark_gateway.specs import SpecOptions, install, write_spec  # noqa: E402
 from tests.hostlab import HostLab, LabHost  # noqa: E402
 from tests.spark_cluster import SPARK_HOME  # noqa: E402
@@ -48,13 +49,7 @@ async def settle(host: LabHost, kernel_id: str) -> None:
 
 
 async def time_to_ready(km: AsyncKernelManager, host: LabHost) -> float:
-    started = time.perf_counter()
-    await km.start_kernel(env=ENV)
-    kc = km.client()
-    kc.start_channels()
-    await kc.wait_for_ready(timeout=120)
-    ready = time.perf_counter() - started
-    kc.stop_channels()
+    ready = await until_ready(km, ENV)
     await km.shutdown_kernel()
     await settle(host, km.kernel_id)
     return ready

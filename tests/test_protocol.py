@@ -22,6 +22,7 @@ import pytest_asyncio
 
 from spark_gateway.callback import MAX_PAYLOAD, PayloadError, ResponseServer, decrypt_payload, generate_key_pair
 from spark_gateway.control import ControlError, control_request, request_mac
+from tests.conftest import wait_for
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "kernel-launchers" / "shared" / "scripts"
 sys.path.insert(0, str(SCRIPTS))
@@ -201,13 +202,6 @@ def test_sender_reports_refusal() -> None:
 # --- control listener, standalone in a subprocess --------------------------------------------------
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 class Standalone:
@@ -301,7 +295,7 @@ async def test_unauthenticated_requests_are_logged_and_ignored(standalone: Stand
     assert await standalone.request("poll") == {"ok": True, "alive": True}
     assert time.monotonic() - started < 2.5  # the listener's per-connection timeout is 5 s
     assert standalone.target.poll() is None
-    assert wait_until(lambda: standalone.log.read_text().count("bad MAC") == 2), standalone.log.read_text()
+    assert wait_for(lambda: standalone.log.read_text().count("bad MAC") == 2, 5), standalone.log.read_text()
     assert standalone.logged("unknown op 'reboot'") and standalone.logged("bad JSON")
     silent[1].close()
 
