@@ -313,7 +313,7 @@ def log_stream_fd() -> int:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     token = sl.take_launch_token()
-    sl.configure_logging()
+    sl.configure_logging("launch_ipykernel", "py4j")
     sender = sl.CallbackSender(args.response_address, args.public_key, args.kernel_id, token)  # before any thread
     mode = args.spark_context_initialization_mode
 

@@ -4,7 +4,10 @@ Self-contained (stdlib + pycryptodome) so it can be copied to cluster hosts. Imp
 in the same directory, or run standalone for launchers in other languages:
 
     server_listener.py --kernel-id ID --response-address H:P --public-key B64 --port-range R \
-        --connection-file PATH --pid PID [--ip IP]        (reads GP_LAUNCH_TOKEN from the environment)
+        --connection-file PATH --pid PID [--ip IP] [--info-file PATH]    (reads GP_LAUNCH_TOKEN from the environment)
+
+Standalone, it terminates PID when it cannot do its job (no connection file, no callback): a kernel the gateway
+cannot reach must not linger, and the launcher's exit makes the gateway fail the start at once with the log tail.
 """
 
 from __future__ import annotations
@@ -480,10 +483,41 @@ def pid_alive(pid: int) -> bool:
 # --- standalone ----------------------------------------------------------------------------------
 
 
-def configure_logging() -> None:
-    """Log to a duplicate of the current stderr (so a kernel capturing fd 2 does not forward our logs)."""
-    stream = os.fdopen(os.dup(2), "w", buffering=1)
-    logging.basicConfig(stream=stream, level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+class FileReport:
+    """The `info` report of a launcher in another language: the JSON object it keeps in a file (replaced
+    atomically, by rename). ``{}`` while the file is missing or unreadable."""
+
+    def __init__(self, path: str, interval: float = 0.1) -> None:
+        self.path, self.interval = path, interval
+
+    def read(self) -> dict[str, Any]:
+        try:
+            with open(self.path) as f:
+                report = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        return report if isinstance(report, dict) else {}
+
+    def __call__(self, wait: float) -> dict[str, Any]:
+        """The report, once it differs from what it was when asked, or after ``wait`` seconds."""
+        first, deadline = self.read(), time.monotonic() + wait
+        while time.monotonic() < deadline:
+            time.sleep(self.interval)
+            if (report := self.read()) != first:
+                return report
+        return first
+
+
+def configure_logging(*names: str) -> None:
+    """Send our loggers (not the root logger: that one belongs to the user's code in the kernel) to a duplicate of
+    the current stderr, so a kernel capturing fd 2 does not forward our logs to the notebook."""
+    handler = logging.StreamHandler(os.fdopen(os.dup(2), "w", buffering=1))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    for name in ("server_listener", *names):
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def take_launch_token() -> str:
@@ -505,30 +539,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connection-file", required=True)
     parser.add_argument("--pid", type=int, required=True)
     parser.add_argument("--ip", default=os.environ.get("GP_KERNEL_IP", "0.0.0.0"))
+    parser.add_argument("--info-file", help="JSON object served by the `info` op (the launcher keeps it current)")
     args = parser.parse_args(argv)
     token = take_launch_token()
     configure_logging()
 
-    pgid = os.getpgid(args.pid)
-    ports = select_ports(args.port_range, len(KERNEL_PORT_NAMES) + 1, args.ip)
-    info = build_connection_info(ports[:-1], args.ip)
-    write_connection_file(args.connection_file, info)
-    listener = ControlListener(args.pid, pgid, port=ports[-1], ip=args.ip)
-    listener.start()
+    listener = None
     try:
+        pgid = os.getpgid(args.pid)
+        ports = select_ports(args.port_range, len(KERNEL_PORT_NAMES) + 1, args.ip)
+        info = build_connection_info(ports[:-1], args.ip)
+        write_connection_file(args.connection_file, info)
+        report = FileReport(args.info_file) if args.info_file else None
+        listener = ControlListener(args.pid, pgid, port=ports[-1], ip=args.ip, info=report)
+        listener.start()
         fields = payload_fields(args.kernel_id, info, args.pid, pgid, listener, args.connection_file)
         send_connection_info(args.response_address, args.public_key, args.kernel_id, token, fields)
+    except Exception as exc:  # noqa: BLE001 (logged; the kernel is ended, see the module docstring)
+        log.error("error: %s; terminating process %d", exc if isinstance(exc, CallbackError) else repr(exc), args.pid)
+        with contextlib.suppress(OSError):
+            os.kill(args.pid, signal.SIGTERM)
+        return 1
+    else:
         log.info("connection info sent for kernel %s; serving control on port %d", args.kernel_id, listener.port)
         while pid_alive(args.pid):
             time.sleep(0.2)
         log.info("process %d exited; listener stops", args.pid)
-    except CallbackError as exc:
-        log.error("%s", exc)
-        return 1
+        return 0
     finally:
-        listener.stop()
-        remove_file(args.connection_file)
-    return 0
+        if listener is not None:
+            listener.stop()
+        for path in (args.connection_file, args.info_file):
+            if path:
+                remove_file(path)
 
 
 if __name__ == "__main__":
