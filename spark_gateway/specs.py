@@ -1,10 +1,11 @@
 """Kernelspec directories built from the templates in `kernelspecs/` and the launchers in `kernel-launchers/`.
 
 One source of truth for `jupyter ssh-spec`, `make specs` and the tests. A template is a kernelspec directory
-(`kernelspecs/ssh_<language>[_spark]/`) whose strings may hold `{resource_dir}` (the spec's installed directory)
-and `{interpreter}` (an absolute interpreter path); Spark templates describe a YARN client spec, and the master is
-rewritten from `--spark-master`. Every spec is assembled in a staging directory beside its destination and moved
-into place with renames, so nobody ever sees a half-written spec and a failed `--replace` keeps the old one.
+(`kernelspecs/ssh_<language>[_spark]/`) whose strings may hold `{resource_dir}` (the spec's installed directory),
+`{interpreter}` (an absolute interpreter path) and `{python}` (this Python: it runs server_listener.py for R
+kernels); Spark templates describe a YARN client spec, and the master is rewritten from `--spark-master`. Every
+spec is assembled in a staging directory beside its destination and moved into place with renames, so nobody ever
+sees a half-written spec and a failed `--replace` keeps the old one.
 """
 
 from __future__ import annotations
@@ -262,7 +263,8 @@ def _set_flag(argv: list[str], flag: str, value: str) -> None:
 def render(opts: SpecOptions, install_dir: Path) -> dict[str, Any]:
     """The kernel.json of resolved `opts` installed at `install_dir`."""
     spec = json.loads((_template_dir(opts.template) / "kernel.json").read_text())
-    subs = {"{resource_dir}": str(install_dir), "{interpreter}": opts.interpreter}
+    # {python}: the Python of launchers that use server_listener.py from another language (R)
+    subs = {"{resource_dir}": str(install_dir), "{interpreter}": opts.interpreter, "{python}": sys.executable}
     spec["argv"] = [_substitute(str(a), subs) for a in spec["argv"]]
     env = spec["env"] = {k: _substitute(str(v), subs) for k, v in (spec.get("env") or {}).items()}
     if opts.spark or "SPARK_HOME" in env:

@@ -35,6 +35,9 @@ needs_spark = pytest.mark.skipif(
     reason="the Spark templates (kernelspecs/ssh_python_spark/kernel.json and bin/run.sh, issue 4) are not here yet",
 )
 R_LAUNCHER = ROOT / "kernel-launchers" / "R" / "scripts" / "launch_IRkernel.R"
+RSCRIPT = shutil.which("Rscript") or ""
+needs_rscript = pytest.mark.skipif(not RSCRIPT, reason="Rscript is not installed (make system-deps installs R)")
+R_FILES = {"kernel.json", "logo-64x64.png", "scripts/launch_IRkernel.R", "scripts/server_listener.py"}
 TOREE_JARS = list((ROOT / "kernel-launchers" / "scala" / "lib").glob("toree-launcher*.jar"))
 PYTHON_FILES = {"kernel.json", "logo-64x64.png", "scripts/launch_ipykernel.py", "scripts/server_listener.py"}
 
@@ -337,24 +340,47 @@ def stand_in_launchers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(specs, "data_dir", lambda name: data / name)
 
 
-@pytest.mark.usefixtures("stand_in_launchers")
+@needs_rscript
 def test_r_layout(tmp_path: Path) -> None:
-    opts, _ = SpecOptions(language="R", interpreter=PY).resolve()  # PY stands in for Rscript: any executable will do
+    opts, _ = SpecOptions(language="R").resolve()
     spec_dir = specs.install(opts, tmp_path / "kernels" / opts.kernel_name)
     assert spec_dir.name == "ssh_r"
-    assert files(spec_dir) == {
-        "kernel.json",
-        "logo-64x64.png",
-        "scripts/launch_IRkernel.R",
-        "scripts/server_listener.py",
-    }
+    assert files(spec_dir) == R_FILES
+    assert (spec_dir / "scripts/launch_IRkernel.R").read_bytes() == R_LAUNCHER.read_bytes()
     spec = kernel_json(spec_dir)
-    assert spec["argv"][:2] == [PY, f"{spec_dir}/scripts/launch_IRkernel.R"]
+    assert spec["argv"] == [
+        RSCRIPT, f"{spec_dir}/scripts/launch_IRkernel.R",
+        "--kernel-id", "{kernel_id}", "--port-range", "{port_range}", "--response-address", "{response_address}",
+        "--public-key", "{public_key}", "--spark-context-initialization-mode", "none",
+    ]  # fmt: skip
+    assert spec["env"] == {"GP_LISTENER_PYTHON": PY}  # the Python that runs server_listener.py beside the R kernel
     assert (spec["display_name"], spec["language"], config_of(spec)) == ("R SSH", "R", {"launch_timeout": 30})
 
 
+@needs_rscript
+@pytest.mark.parametrize(("master", "mode"), [("yarn", "lazy"), ("spark://m:7077", "eager")])
+def test_r_spark_layout(tmp_path: Path, master: str, mode: str) -> None:
+    options = SpecOptions(language="R", spark=True, spark_master=master, spark_home="/srv/spark", spark_init_mode=mode,
+                          extra_spark_opts="--conf spark.ui.enabled=false")  # fmt: skip
+    opts, _ = options.resolve()
+    spec_dir = specs.install(opts, tmp_path / "kernels" / opts.kernel_name)
+    assert spec_dir.name == "ssh_r_spark"
+    assert files(spec_dir) == R_FILES | {"bin/run.sh"} and os.access(spec_dir / "bin/run.sh", os.X_OK)
+    spec = kernel_json(spec_dir)
+    assert spec["argv"][0] == f"{spec_dir}/bin/run.sh"
+    assert spec["argv"][spec["argv"].index("--spark-context-initialization-mode") + 1] == mode
+    head = f"--master {master} " + ("--deploy-mode client " if master == "yarn" else "")
+    assert spec["env"]["SPARK_OPTS"] == (
+        f"{head}--name ${{KERNEL_ID:-ERROR__NO__KERNEL_ID}} --conf spark.r.command={RSCRIPT} "
+        "--conf spark.ui.enabled=false ${KERNEL_EXTRA_SPARK_OPTS}"
+    )
+    assert {k: spec["env"][k] for k in ("SPARK_HOME", "GP_RSCRIPT", "GP_LISTENER_PYTHON", "LAUNCH_OPTS")} == {
+        "SPARK_HOME": "/srv/spark", "GP_RSCRIPT": RSCRIPT, "GP_LISTENER_PYTHON": PY, "LAUNCH_OPTS": ""
+    }  # fmt: skip
+
+
 @pytest.mark.usefixtures("stand_in_launchers")
-@pytest.mark.parametrize(("language", "spark"), [("R", True), ("Scala", False), ("Scala", True)])
+@pytest.mark.parametrize(("language", "spark"), [("Scala", False), ("Scala", True)])
 def test_spark_submit_layouts(tmp_path: Path, language: str, spark: bool) -> None:
     name = f"ssh_{language.lower()}" + ("_spark" if spark else "")
     if not (ROOT / "kernelspecs" / name / "bin" / "run.sh").is_file():

@@ -345,16 +345,20 @@ def main(argv: list[str] | None = None) -> None:
     listener = sl.ControlListener(pid, pgid, port=ports[-1], ip=args.ip, info=spark.info if spark else None)
     listener.start()
 
-    fields = sl.payload_fields(args.kernel_id, info, pid, pgid, listener, str(path))
-    try:
-        sender.send(fields)
-    except sl.CallbackError as exc:
-        sys.exit(f"error: {exc}")
-
     # The app ignores SIGINT except while a cell runs, where SIGINT raises KeyboardInterrupt.
     app = IPKernelApp.instance(kernel_class=kernel_class)
     reservation.release()  # the kernel binds its ports now
     app.initialize(["-f", str(path)])
+
+    # Only a kernel whose sockets are bound reports success: clients then connect at their first attempt
+    # (a refused first attempt costs them ZMQ's 100 ms reconnect interval), and a kernel that cannot bind
+    # fails the start with its log tail.
+    fields = sl.payload_fields(args.kernel_id, info, pid, pgid, listener, str(path))
+    try:
+        sender.send(fields)
+    except sl.CallbackError as exc:
+        log.error("error: %s", exc)  # sys.stderr belongs to ipykernel by now; our log goes to the kernel log
+        sys.exit(1)
     if spark is not None:
         spark.install(app.shell)
         if mode == "lazy":
