@@ -242,8 +242,6 @@ BAD_INPUT = [
     (["--spark", "--spark-home=opt/spark"], "--spark-home 'opt/spark' must be an absolute path"),
     (["surplus"], "unexpected argument 'surplus'"),
 ]
-if not R_LAUNCHER.exists():
-    BAD_INPUT.append((["--language=R"], "R kernelspecs need kernel-launchers/R/scripts/launch_IRkernel.R"))
 if not TOREE_JARS:
     BAD_INPUT.append((["--language=scala"], "Scala kernelspecs need kernel-launchers/scala/lib/toree-launcher*.jar"))
 
@@ -327,13 +325,13 @@ def test_spark_install_for_each_master(tmp_path: Path, master: str, head: str) -
 
 @pytest.fixture
 def stand_in_launchers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The R and Scala launchers are a later issue: stand-in files at their documented places (only where the real
-    ones are missing) let the tests see what those specs are made of."""
+    """The Scala launchers are a later issue: stand-in files at their documented places (only where the real ones
+    are missing) let the tests see what those specs are made of."""
     data = tmp_path / "data"
     shutil.copytree(ROOT / "kernelspecs", data / "kernelspecs")
     shutil.copytree(ROOT / "kernel-launchers", data / "kernel-launchers")
     launchers = data / "kernel-launchers"
-    for pattern, _ in specs.LAUNCHERS["r"] + specs.LAUNCHERS["scala"]:
+    for pattern, _ in specs.LAUNCHERS["scala"]:
         if not list(launchers.glob(pattern)):
             (launchers / pattern).parent.mkdir(parents=True, exist_ok=True)
             (launchers / pattern.replace("*", "-stand-in")).write_text("stand-in\n")
