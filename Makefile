@@ -2,7 +2,7 @@
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip
-APT_PKGS := openssh-server openssh-client iproute2 procps util-linux nftables sudo
+APT_PKGS := openssh-server openssh-client iproute2 procps util-linux nftables sudo r-base-core r-cran-irkernel
 export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: install system-deps test demo demo-standalone bench lint clean specs
@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed  ## a .venv with the package, Spark and the test tools
 
-system-deps:  ## Debian packages the real test hosts need (sshd, ip, setsid)
+system-deps:  ## Debian packages the real test hosts need (sshd, ip, setsid; R and IRkernel for R kernels)
 	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \

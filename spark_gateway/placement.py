@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import re
 import threading
+import time
 from dataclasses import dataclass
 
 from .ssh import split_host_port
@@ -55,9 +56,11 @@ class HostReport:
     cpus: int
     mem_total: int
     mem_available: int
+    taken_at: float = 0.0  # monotonic time the inventory was asked for
+
 
     @classmethod
-    def parse(cls, text: str) -> HostReport:
+    def parse(cls, text: str, taken_at: float = 0.0) -> HostReport:
         ids_part, _, load_part = text.partition("--\n")
         lines = load_part.split("\n")
         mem = dict(re.findall(r"^(Mem\w+):\s+(\d+)", load_part, re.M))
@@ -67,6 +70,7 @@ class HostReport:
             cpus=max(1, int(lines[1])),
             mem_total=int(mem["MemTotal"]),
             mem_available=int(mem["MemAvailable"]),
+            taken_at=taken_at,
         )
 
     def headroom(self, extra_kernels: int = 0) -> float:
@@ -77,12 +81,24 @@ class HostReport:
 
 
 class HostSelector:
-    """Per-process placement state: the round-robin position and the launches in flight on each host."""
+    """Per-process placement state: the round-robin position, and this gateway's recent launches on each host.
+
+    A launch counts from the moment it is placed (so a burst spreads) until an inventory asked for after it
+    completed shows the host's own truth (so a shared, slightly older inventory never undercounts).
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._next = 0
-        self.pending: dict[str, set[str]] = {}
+        self.pending: dict[str, dict[str, float | None]] = {}  # host -> kernel id -> completion time (None: in flight)
+
+    def recent(self, host: str, report: HostReport) -> set[str]:
+        """This gateway's launches on `host` that `report` may not show yet."""
+        with self._lock:
+            launches = self.pending.get(host, {})
+            for kid in [k for k, done in launches.items() if done is not None and done < time.monotonic() - 60]:
+                del launches[kid]
+            return {k for k, done in launches.items() if done is None or done >= report.taken_at}
 
     def pin(self, hosts: list[str], pinned: str) -> str:
         if pinned not in hosts:
@@ -104,18 +120,24 @@ class HostSelector:
 
     def least_connection(self, reports: dict[str, HostReport]) -> str:
         """Fewest kernels (running there, or launching from here); ties broken at random so gateways spread."""
-        counts = {h: len(r.kernel_ids | self.pending.get(h, set())) for h, r in reports.items()}
+        counts = {h: len(r.kernel_ids | self.recent(h, r)) for h, r in reports.items()}
         low = min(counts.values())
         return random.choice([h for h, c in counts.items() if c == low])
 
     def least_load(self, reports: dict[str, HostReport]) -> str:
         """Most headroom (free CPU share + free memory share), counting launches in flight as load."""
-        return max(reports, key=lambda h: (reports[h].headroom(len(self.pending.get(h, ()))), random.random()))
+        extra = {h: len(self.recent(h, r) - r.kernel_ids) for h, r in reports.items()}
+        return max(reports, key=lambda h: (reports[h].headroom(extra[h]), random.random()))
 
     def launching(self, host: str, kernel_id: str) -> None:
         with self._lock:
-            self.pending.setdefault(host, set()).add(kernel_id)
+            self.pending.setdefault(host, {})[kernel_id] = None
 
-    def launched(self, host: str, kernel_id: str) -> None:
+    def launched(self, host: str, kernel_id: str, ok: bool = True) -> None:
+        """The launch ended: a running kernel stays counted until an inventory shows it, a failed one is dropped."""
         with self._lock:
-            self.pending.get(host, set()).discard(kernel_id)
+            launches = self.pending.setdefault(host, {})
+            if ok:
+                launches[kernel_id] = time.monotonic()
+            else:
+                launches.pop(kernel_id, None)

@@ -38,6 +38,7 @@ from .spark import SparkOptsError, check_extra_spark_opts, check_username, spec_
 from .ssh import CommandResult, SshError, SshPool, SshSettings, in_thread, is_local
 
 KERNEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+INVENTORY_SHARING = 0.5  # seconds during which launches reuse a host's inventory
 PLACEHOLDERS = ("kernel_id", "port_range", "response_address", "public_key")
 SPARK_MODE_FLAG = "--spark-context-initialization-mode"
 SPARK_WATCH_LIMIT = 900.0  # seconds the gateway keeps asking a lazy kernel about its SparkSession
@@ -94,6 +95,7 @@ class _Gateway:
     ports: dict[str, int] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     reaper: asyncio.Task | None = None
+    inventories: dict[tuple[int, str], tuple[float, asyncio.Future]] = field(default_factory=dict)
 
 
 _gateways: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Gateway] = weakref.WeakKeyDictionary()
@@ -445,12 +447,24 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     async def _reports(self, hosts: list[str], skipped: list[str]) -> dict[str, HostReport]:
         """What each host runs and how busy it is, asked over the pooled connections in parallel."""
 
+        gateway = await self._gateway()
+
+        async def inventory(host: str) -> HostReport:
+            taken_at = time.monotonic()
+            result = await self._run_on_host(host, KERNEL_INVENTORY, timeout=self.ssh_connect_timeout + 5)
+            return HostReport.parse(result.stdout, taken_at)
+
         async def ask(host: str) -> HostReport | None:
+            # launches placed at about the same time share one inventory per host
+            started, shared = gateway.inventories.get((id(self.pool), host), (0.0, None))
+            if shared is None or time.monotonic() - started > INVENTORY_SHARING:
+                shared = asyncio.ensure_future(inventory(host))
+                gateway.inventories[(id(self.pool), host)] = (time.monotonic(), shared)
             try:
-                result = await self._run_on_host(host, KERNEL_INVENTORY, timeout=self.ssh_connect_timeout + 5)
-                return HostReport.parse(result.stdout)
+                return await asyncio.shield(shared)
             except (SshError, OSError, asyncio.TimeoutError, ValueError, KeyError, IndexError) as exc:
-                self._host_failed(host, str(exc))
+                if not self.pool.health.quarantined(host):
+                    self._host_failed(host, str(exc))
                 skipped.append(f"{host}: {exc}")
                 return None
 
@@ -512,6 +526,7 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             try:
                 connection = await self._launch_on(host, cmd, env, username, port_range, kwargs.get("cwd"))
             except HostUnavailable as exc:
+                _selector.launched(host, self.kernel_id, ok=False)
                 self.host = None
                 self._host_failed(host, str(exc))
                 self.skipped.append(f"{host}: {exc}")
@@ -520,10 +535,10 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 tried.add(host)
                 continue
             except BaseException:
+                _selector.launched(host, self.kernel_id, ok=False)
                 self.host = None
                 raise
-            finally:
-                _selector.launched(host, self.kernel_id)
+            _selector.launched(host, self.kernel_id)
             if self.skipped:
                 self.log.info("kernel %s placed on %s; skipped: %s", self.kernel_id, host, "; ".join(self.skipped))
             return connection
@@ -582,12 +597,21 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self, host: str, handle: LaunchHandle, payload: asyncio.Future, gateway: _Gateway
     ) -> dict[str, Any]:
         died = asyncio.ensure_future(handle.exited())
+        deadline = time.monotonic() + self.launch_timeout
         try:
-            done, _ = await asyncio.wait({payload, died}, timeout=self.launch_timeout, return_when="FIRST_COMPLETED")
-            if payload in done:
-                return payload.result()
-            if died in done:
+            waiting = {payload, died}
+            while True:
+                done, _ = await asyncio.wait(
+                    waiting, timeout=max(0.0, deadline - time.monotonic()), return_when="FIRST_COMPLETED"
+                )
+                if payload in done:
+                    return payload.result()
+                if died not in done:
+                    break  # launch_timeout
                 outcome = died.result()
+                if outcome.status is None:  # only the SSH watch broke: the kernel may still call back
+                    waiting = {payload}
+                    continue
                 raise ProvisionerError(
                     500,
                     f"kernel {self.kernel_id} died on {host} before reporting its connection info "

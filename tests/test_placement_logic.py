@@ -55,8 +55,13 @@ def test_least_connection_counts_running_and_in_flight_kernels():
     sel.launching("a", "k1")  # a launch of a kernel the host already shows is counted once
     assert sel.least_connection(reports) == "a"
     sel.launched("b", "k9")
-    sel.launched("b", "k8")
-    assert sel.least_connection(reports) == "b"
+    sel.launched("b", "k8", ok=False)  # failed: no longer counted
+    assert sel.least_connection(reports) in {"a", "b"}  # a 1, b 1 (k9 still counted: the inventory predates it)
+    sel.launching("b", "k7")
+    assert sel.least_connection(reports) == "a"
+    newer = dict(reports, b=HostReport(frozenset({"k9"}), 0, 2, 1000, 500, taken_at=time.monotonic()))
+    sel.launched("b", "k7", ok=False)
+    assert sel.recent("b", newer["b"]) == set()  # k9 is in the newer inventory itself, k7 failed
 
 
 def test_least_connection_breaks_ties_at_random():

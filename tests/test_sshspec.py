@@ -765,9 +765,10 @@ async def test_make_specs_output_loads_and_starts_kernels(lab: HostLab, hosts: l
     built = sorted(p.name for p in build.iterdir())
     assert "ssh_python" in built
     assert ("ssh_python_spark" in built) == (SPARK_TEMPLATE / "kernel.json").is_file()
-    assert ("ssh_r" in built) == R_LAUNCHER.exists() and ("ssh_scala" in built) == bool(TOREE_JARS)
-    if not R_LAUNCHER.exists():
-        assert "skipped ssh_r: R kernelspecs need kernel-launchers/R/scripts/launch_IRkernel.R" in proc.stdout
+    assert ("ssh_r" in built) == ("ssh_r_spark" in built) == bool(RSCRIPT)
+    assert ("ssh_scala" in built) == bool(TOREE_JARS)
+    if not RSCRIPT:
+        assert "skipped ssh_r: Rscript is not on PATH" in proc.stdout
     ksm = KernelSpecManager(kernel_dirs=[str(build)])
     assert sorted(k for k, path in ksm.find_kernel_specs().items() if Path(path).parent == build) == built
     for name in built:
@@ -783,6 +784,8 @@ async def test_make_specs_output_loads_and_starts_kernels(lab: HostLab, hosts: l
         ksm, "ssh_python", lab, "import socket, sys; print(socket.gethostname(), sys.executable)"
     )
     assert lines == [f"{target.name} {ksm.get_kernel_spec('ssh_python').argv[0]}"]
+    if "ssh_r" in built:
+        assert await run_in_kernel(ksm, "ssh_r", lab, 'cat(Sys.info()[["nodename"]])') == [target.name]
     if "ssh_python_spark" in built and pyspark_dir() and shutil.which("java"):
         code = "from pyspark.sql import SparkSession; print(SparkSession.builder.getOrCreate().sparkContext.master)"
         assert (await run_in_kernel(ksm, "ssh_python_spark", lab, code))[-1] == "local[*]"

@@ -305,6 +305,22 @@ class SparkSessionStarter:
         shell.showtraceback((etype, value, tb), tb_offset=tb_offset)
 
 
+def hand_over_ports(app: Any, reservation: sl.PortReservation, info: dict[str, Any]) -> None:
+    """Release each reserved port the moment ipykernel binds it, so no other process can take it in between."""
+    bind = getattr(app, "_try_bind_socket", None)
+    if bind is None:  # an ipykernel without that hook: release everything now
+        reservation.release()
+        return
+
+    def release_then_bind(sock: Any, port: int) -> Any:
+        reservation.release(port)
+        if port == info["iopub_port"]:  # ipykernel binds shell, stdin, control, iopub, then the heartbeat's own
+            reservation.release(info["hb_port"])
+        return bind(sock, port)
+
+    app._try_bind_socket = release_then_bind
+
+
 def log_stream_fd() -> int:
     """A duplicate of the launcher's stderr (the kernel log) that ipykernel's capture of fd 2 does not touch."""
     return os.dup(2)
@@ -347,8 +363,9 @@ def main(argv: list[str] | None = None) -> None:
 
     # The app ignores SIGINT except while a cell runs, where SIGINT raises KeyboardInterrupt.
     app = IPKernelApp.instance(kernel_class=kernel_class)
-    reservation.release()  # the kernel binds its ports now
+    hand_over_ports(app, reservation, info)
     app.initialize(["-f", str(path)])
+    reservation.release()
 
     # Only a kernel whose sockets are bound reports success: clients then connect at their first attempt
     # (a refused first attempt costs them ZMQ's 100 ms reconnect interval), and a kernel that cannot bind

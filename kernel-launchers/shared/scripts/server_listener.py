@@ -543,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     token = take_launch_token()
     configure_logging()
+    # SIGTERM (e.g. the `shutdown` op to the group we are in) ends us through `finally`: the files go too.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     listener = None
     try:
