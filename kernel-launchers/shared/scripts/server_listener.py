@@ -258,6 +258,9 @@ class CallbackSender:
 
     def _serve(self, requests: int, replies: int) -> int:
         try:
+            # pycryptodome picks cffi when importable, which costs ~20 ms more CPU to load than its ctypes backend;
+            # this short-lived process only encrypts one payload, so it takes the cheaper one
+            sys.modules.setdefault("cffi", None)  # type: ignore[arg-type]
             encrypt_payload(self.args[1], self.args[2], {})  # warm imports and native libraries meanwhile
             with os.fdopen(requests, "rb") as pipe:
                 data = pipe.read()
