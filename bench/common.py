@@ -14,10 +14,16 @@ from jupyter_client import AsyncKernelManager
 def write_local_spec(kernels: Path, name: str = "local_python") -> None:
     """A plain ipykernel spec that jupyter_client starts with its own LocalProvisioner: the reference."""
     (kernels / name).mkdir(parents=True)
-    (kernels / name / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "Local Python", "language": "python", "interrupt_mode": "signal",
-    }))
+    (kernels / name / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "Local Python",
+                "language": "python",
+                "interrupt_mode": "signal",
+            }
+        )
+    )
 
 
 async def until_ready(km: AsyncKernelManager, env: dict[str, str], timeout: float = 120) -> float:

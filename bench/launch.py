@@ -100,12 +100,18 @@ async def main(runs: int) -> None:
 
     print(f"launch benchmark: {runs} remote (ssh_python over SSH to a namespace host) and {runs} local kernels")
     remote, local = med("remote", "ready"), med("local", "ready")
-    print(f"  start-to-ready   remote {remote * 1000:7.1f} ms   local {local * 1000:7.1f} ms"
-          f"   ratio remote/local {remote / local:.2f}  (target <= 1.10)")
-    print(f"  loop stall launch   remote {med('remote', 'launch_stall') * 1000:6.1f} ms   local "
-          f"{med('local', 'launch_stall') * 1000:6.1f} ms   (target remote <= 20 ms)")
-    print(f"  loop stall shutdown remote {med('remote', 'shutdown_stall') * 1000:6.1f} ms   local "
-          f"{med('local', 'shutdown_stall') * 1000:6.1f} ms")
+    print(
+        f"  start-to-ready   remote {remote * 1000:7.1f} ms   local {local * 1000:7.1f} ms"
+        f"   ratio remote/local {remote / local:.2f}  (target <= 1.10)"
+    )
+    print(
+        f"  loop stall launch   remote {med('remote', 'launch_stall') * 1000:6.1f} ms   local "
+        f"{med('local', 'launch_stall') * 1000:6.1f} ms   (target remote <= 20 ms)"
+    )
+    print(
+        f"  loop stall shutdown remote {med('remote', 'shutdown_stall') * 1000:6.1f} ms   local "
+        f"{med('local', 'shutdown_stall') * 1000:6.1f} ms"
+    )
     print(f"  worst stall over all remote runs {max(x['launch_stall'] for x in results['remote']) * 1000:.1f} ms")
     print(f"  remote process gone {med('remote', 'gone') * 1000:.1f} ms after shutdown began (target <= 1000 ms)")
 

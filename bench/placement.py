@@ -80,10 +80,14 @@ async def main(count: int) -> None:
         lab.stop()
 
     print(f"placement benchmark: {count} kernels started at once over 3 hosts (least-connection)")
-    print(f"  all hosts up:        {remote:6.2f} s  spread {dict(sorted(spread.items()))}  failed {failed}"
-          f"   LocalProvisioner x{count}: {local:6.2f} s   ratio {remote / local:.2f}  (target <= 1.2)")
-    print(f"  sshd of {victim.name} stopped halfway: {faulty:6.2f} s  spread {dict(sorted(spread2.items()))}"
-          f"  failed {failed2}   ratio {faulty / local2:.2f} against LocalProvisioner {local2:.2f} s")
+    print(
+        f"  all hosts up:        {remote:6.2f} s  spread {dict(sorted(spread.items()))}  failed {failed}"
+        f"   LocalProvisioner x{count}: {local:6.2f} s   ratio {remote / local:.2f}  (target <= 1.2)"
+    )
+    print(
+        f"  sshd of {victim.name} stopped halfway: {faulty:6.2f} s  spread {dict(sorted(spread2.items()))}"
+        f"  failed {failed2}   ratio {faulty / local2:.2f} against LocalProvisioner {local2:.2f} s"
+    )
     even = bool(spread) and max(spread.values()) - min(spread.values()) <= 1
     print(f"  spread within one of even: {even}")
 

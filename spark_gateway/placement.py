@@ -41,9 +41,7 @@ def parse_hosts(value: str | list[str]) -> list[str]:
 
 def check_algorithm(name: str) -> str:
     if name not in ALGORITHMS:
-        raise PlacementError(
-            f"load_balancing_algorithm {name!r} is not supported; use one of: {', '.join(ALGORITHMS)}"
-        )
+        raise PlacementError(f"load_balancing_algorithm {name!r} is not supported; use one of: {', '.join(ALGORITHMS)}")
     return name
 
 
@@ -57,7 +55,6 @@ class HostReport:
     mem_total: int
     mem_available: int
     taken_at: float = 0.0  # monotonic time the inventory was asked for
-
 
     @classmethod
     def parse(cls, text: str, taken_at: float = 0.0) -> HostReport:

@@ -585,7 +585,11 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         info = await self._await_callback(host, handle, payload, gateway)
         self.log.info(
             "kernel %s running on %s (%s) pid %s, ready in %.2f s",
-            self.kernel_id, host, info.get("hostname"), info.get("pid"), time.monotonic() - started,
+            self.kernel_id,
+            host,
+            info.get("hostname"),
+            info.get("pid"),
+            time.monotonic() - started,
         )
         connection = self._adopt_payload(host, info, await self._kernel_ip(host))
         if tunneled:

@@ -90,7 +90,6 @@ async def managers(lab: HostLab, kernels_dir: Path) -> AsyncIterator[Callable[..
             await km.shutdown_kernel(now=True)
 
 
-
 def kernel_processes(host: LabHost, kernel_id: str) -> list[tuple[int, str]]:
     return [(pid, cmd) for pid, cmd in host.processes() if kernel_id in cmd]
 

@@ -66,8 +66,12 @@ async def test_bad_kernel_class_fails_fast(lab, managers, kernels_dir):
 @ASYNC
 async def test_silent_kernel_is_killed_at_launch_timeout(lab, managers, kernels_dir):
     def edit(spec: dict) -> None:
-        spec["argv"] = [sys.executable, "-c", "import time; print('never calls back', flush=True); time.sleep(300)",
-                        "{kernel_id}"]
+        spec["argv"] = [
+            sys.executable,
+            "-c",
+            "import time; print('never calls back', flush=True); time.sleep(300)",
+            "{kernel_id}",
+        ]
 
     add_spec(kernels_dir, "silent", edit)
     host = lab.hosts[0]

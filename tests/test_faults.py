@@ -94,8 +94,11 @@ async def test_sshd_killed_during_a_burst_of_launches(lab, managers):
     victim.stop_sshd()
     try:
         results = await asyncio.gather(*starts, return_exceptions=True)
-        running = {km.kernel_id: km.provisioner.host for km, r in zip(kms, results, strict=True)
-                   if not isinstance(r, BaseException)}
+        running = {
+            km.kernel_id: km.provisioner.host
+            for km, r in zip(kms, results, strict=True)
+            if not isinstance(r, BaseException)
+        }
         failed = [r for r in results if isinstance(r, BaseException)]
         assert all("cannot" in str(r) or "host" in str(r) for r in failed), [repr(r) for r in failed]
         assert len(running) >= 6  # the live hosts took the rest
@@ -194,8 +197,16 @@ async def test_two_gateways_balance_together_and_a_new_gateway_reattaches(lab, m
     hosts = ",".join(h.name for h in lab.hosts)
     procs = [
         await asyncio.create_subprocess_exec(
-            sys.executable, "-c", GATEWAY, str(kernels_dir), str(lab.ssh_config), hosts, "3",
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            sys.executable,
+            "-c",
+            GATEWAY,
+            str(kernels_dir),
+            str(lab.ssh_config),
+            hosts,
+            "3",
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
         )
         for _ in range(2)
     ]
@@ -216,7 +227,8 @@ async def test_two_gateways_balance_together_and_a_new_gateway_reattaches(lab, m
         from jupyter_client.provisioning import KernelProvisionerFactory
 
         km.provisioner = KernelProvisionerFactory.instance().create_provisioner_instance(
-            km.kernel_id, km.kernel_spec, parent=km)
+            km.kernel_id, km.kernel_spec, parent=km
+        )
         await km.provisioner.load_provisioner_info(info)
         km.load_connection_info(info["connection_info"])
         kms.append(km)

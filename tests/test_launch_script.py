@@ -21,8 +21,14 @@ def run_script(exports: dict[str, str], tmp_path: Path) -> tuple[dict[str, str],
     """Run a launch script whose 'kernel' dumps its environment into the log; return (environ, shell output)."""
     log = tmp_path / "kernel.log"
     script = launch_script([sys.executable, "-c", DUMP], exports, str(log))
-    done = subprocess.run(["/bin/sh", "-s"], input=script, capture_output=True, text=True, timeout=30,
-                          env={"PATH": "/usr/bin:/bin", "HOME": "/home/someone"})
+    done = subprocess.run(
+        ["/bin/sh", "-s"],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PATH": "/usr/bin:/bin", "HOME": "/home/someone"},
+    )
     assert done.returncode == 0, done.stderr
     return json.loads(log.read_text()), done.stdout
 
@@ -38,8 +44,14 @@ def test_every_character_arrives_intact(tmp_path):
 
 def test_nothing_in_a_value_executes(tmp_path):
     marker = tmp_path / "pwned"
-    attacks = [f"$(touch {marker})", f"`touch {marker}`", f"'; touch {marker}; '", f"\"; touch {marker}; \"",
-               f"\ntouch {marker}\n", f"${{X:-$(touch {marker})}}"]
+    attacks = [
+        f"$(touch {marker})",
+        f"`touch {marker}`",
+        f"'; touch {marker}; '",
+        f'"; touch {marker}; "',
+        f"\ntouch {marker}\n",
+        f"${{X:-$(touch {marker})}}",
+    ]
     exports = {f"KERNEL_A{i}": shlex.quote(a) for i, a in enumerate(attacks)}
     environ, _ = run_script(exports, tmp_path)
     assert not marker.exists()
@@ -78,10 +90,15 @@ def test_unrepresentable_environment_is_refused(name, value):
         check_env(name, value)
 
 
-@pytest.mark.parametrize(("entry", "expected"), [
-    ("host", ("host", None)), ("host:2222", ("host", 2222)),
-    ("[::1]:22", ("::1", 22)), ("[fe80::1]", ("fe80::1", None)),
-])
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        ("host", ("host", None)),
+        ("host:2222", ("host", 2222)),
+        ("[::1]:22", ("::1", 22)),
+        ("[fe80::1]", ("fe80::1", None)),
+    ],
+)
 def test_host_entries(entry, expected):
     assert split_host_port(entry) == expected
 

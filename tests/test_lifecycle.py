@@ -186,8 +186,14 @@ async def test_fresh_manager_in_new_process_reattaches(lab, managers, kernels_di
     info = await km.provisioner.get_provisioner_info()
     (tmp_path / "info.json").write_text(json.dumps(info))
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", REATTACH, str(tmp_path / "info.json"), str(kernels_dir), str(lab.ssh_config),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        sys.executable,
+        "-c",
+        REATTACH,
+        str(tmp_path / "info.json"),
+        str(kernels_dir),
+        str(lab.ssh_config),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 90)
     assert proc.returncode == 0, err.decode()
@@ -233,11 +239,17 @@ async def test_kill_and_poll_fall_back_to_ssh_when_listener_is_gone(lab, manager
 async def test_jupyter_execute_runs_a_notebook_on_a_remote_host(lab, kernels_dir, tmp_path):
     nb = {
         "cells": [
-            {"cell_type": "code", "metadata": {}, "execution_count": None, "outputs": [],
-             "source": "import socket\nprint('ran on', socket.gethostname())"},
+            {
+                "cell_type": "code",
+                "metadata": {},
+                "execution_count": None,
+                "outputs": [],
+                "source": "import socket\nprint('ran on', socket.gethostname())",
+            },
         ],
         "metadata": {"kernelspec": {"name": "ssh_python", "display_name": "Python SSH", "language": "python"}},
-        "nbformat": 4, "nbformat_minor": 5,
+        "nbformat": 4,
+        "nbformat_minor": 5,
     }
     path = tmp_path / "where.ipynb"
     path.write_text(json.dumps(nb))
@@ -245,13 +257,20 @@ async def test_jupyter_execute_runs_a_notebook_on_a_remote_host(lab, kernels_dir
     (tmp_path / "jp" / "kernels" / "ssh_python").symlink_to(kernels_dir / "ssh_python")
     target = lab.hosts[1]
     proc = await asyncio.create_subprocess_exec(
-        str(Path(sys.executable).parent / "jupyter"), "execute", "--inplace", str(path),
-        env=env(JUPYTER_PATH=str(tmp_path / "jp"), GP_REMOTE_HOSTS=",".join(h.name for h in lab.hosts),
-                GP_SSH_CONFIG_FILE=str(lab.ssh_config), KERNEL_REMOTE_HOST=target.name),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        str(Path(sys.executable).parent / "jupyter"),
+        "execute",
+        "--inplace",
+        str(path),
+        env=env(
+            JUPYTER_PATH=str(tmp_path / "jp"),
+            GP_REMOTE_HOSTS=",".join(h.name for h in lab.hosts),
+            GP_SSH_CONFIG_FILE=str(lab.ssh_config),
+            KERNEL_REMOTE_HOST=target.name,
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     _, err = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode == 0, err.decode()
     outputs = json.loads(path.read_text())["cells"][0]["outputs"]
     assert "".join(outputs[0]["text"]).strip() == f"ran on {target.hostname}"
-

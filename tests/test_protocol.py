@@ -202,8 +202,6 @@ def test_sender_reports_refusal() -> None:
 # --- control listener, standalone in a subprocess --------------------------------------------------
 
 
-
-
 class Standalone:
     """A `sleep` child watched by a standalone server_listener.py, and the callback it sent."""
 

@@ -34,11 +34,24 @@ def server(lab, kernels_dir, tmp_path_factory) -> Iterator[str]:
     port = _free_port()
     log = (root / "server.log").open("w")
     proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "jupyter"), "server", "--no-browser", f"--port={port}",
-         "--ip=127.0.0.1", "--allow-root", f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={root}"],
-        env=env(JUPYTER_PATH=str(root / "jp"), JUPYTER_CONFIG_DIR=str(root / "cfg"),
-                GP_REMOTE_HOSTS=",".join(h.name for h in lab.hosts), GP_SSH_CONFIG_FILE=str(lab.ssh_config)),
-        stdout=subprocess.DEVNULL, stderr=log,
+        [
+            str(Path(sys.executable).parent / "jupyter"),
+            "server",
+            "--no-browser",
+            f"--port={port}",
+            "--ip=127.0.0.1",
+            "--allow-root",
+            f"--IdentityProvider.token={TOKEN}",
+            f"--ServerApp.root_dir={root}",
+        ],
+        env=env(
+            JUPYTER_PATH=str(root / "jp"),
+            JUPYTER_CONFIG_DIR=str(root / "cfg"),
+            GP_REMOTE_HOSTS=",".join(h.name for h in lab.hosts),
+            GP_SSH_CONFIG_FILE=str(lab.ssh_config),
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=log,
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -66,13 +79,32 @@ async def _run_code(base: str, kernel_id: str, code: str) -> str:
     url = base.replace("http", "ws", 1) + f"/api/kernels/{kernel_id}/channels?token={TOKEN}"
     ws = await websocket_connect(url)
     msg_id = uuid.uuid4().hex
-    ws.write_message(json.dumps({
-        "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": "t", "session": uuid.uuid4().hex,
-                   "version": "5.3", "date": ""},
-        "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
-        "content": {"code": code, "silent": False, "store_history": False, "user_expressions": {},
-                    "allow_stdin": False, "stop_on_error": True},
-    }))
+    ws.write_message(
+        json.dumps(
+            {
+                "header": {
+                    "msg_id": msg_id,
+                    "msg_type": "execute_request",
+                    "username": "t",
+                    "session": uuid.uuid4().hex,
+                    "version": "5.3",
+                    "date": "",
+                },
+                "parent_header": {},
+                "metadata": {},
+                "channel": "shell",
+                "buffers": [],
+                "content": {
+                    "code": code,
+                    "silent": False,
+                    "store_history": False,
+                    "user_expressions": {},
+                    "allow_stdin": False,
+                    "stop_on_error": True,
+                },
+            }
+        )
+    )
     out = []
     while True:
         raw = await ws.read_message()
@@ -109,8 +141,9 @@ async def test_rest_lifecycle_on_remote_hosts(lab, server):
 
 def test_rest_refuses_a_hostile_kernel_id(lab, server):
     evil = "k; touch /tmp/sg-pwned-rest"
-    r = requests.post(f"{server}/api/kernels", json={"name": "ssh_python", "kernel_id": evil}, headers=_auth(),
-                      timeout=60)
+    r = requests.post(
+        f"{server}/api/kernels", json={"name": "ssh_python", "kernel_id": evil}, headers=_auth(), timeout=60
+    )
     assert r.status_code == 400
     assert "is not a valid id" in r.json()["message"]
     assert not Path("/tmp/sg-pwned-rest").exists()

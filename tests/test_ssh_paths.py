@@ -15,10 +15,13 @@ pytestmark = pytest.mark.asyncio
 async def test_proxy_jump_reaches_a_host_through_another(lab, managers, tmp_path):
     jump, target = lab.hosts[0], lab.hosts[2]
     cfg = tmp_path / "config"
-    cfg.write_text(lab.ssh_config.read_text() + (
-        f"\nHost behind-{target.name}\n  HostName {target.address}\n  Port {target.port}\n  User root\n"
-        f"  IdentityFile {lab.identity}\n  UserKnownHostsFile {lab.known_hosts}\n  ProxyJump {jump.name}\n"
-    ))
+    cfg.write_text(
+        lab.ssh_config.read_text()
+        + (
+            f"\nHost behind-{target.name}\n  HostName {target.address}\n  Port {target.port}\n  User root\n"
+            f"  IdentityFile {lab.identity}\n  UserKnownHostsFile {lab.known_hosts}\n  ProxyJump {jump.name}\n"
+        )
+    )
     alias = f"behind-{target.name}"
     km = managers(ssh_config_file=str(cfg), remote_hosts=[alias], response_ip=lab.gateway_address)
     await km.start_kernel(env=env())
@@ -31,10 +34,13 @@ async def test_proxy_jump_reaches_a_host_through_another(lab, managers, tmp_path
 async def test_proxy_jump_without_response_ip_says_what_to_set(lab, managers, tmp_path):
     jump, target = lab.hosts[0], lab.hosts[1]
     cfg = tmp_path / "config"
-    cfg.write_text(lab.ssh_config.read_text() + (
-        f"\nHost hidden\n  HostName {target.address}\n  User root\n  IdentityFile {lab.identity}\n"
-        f"  UserKnownHostsFile {lab.known_hosts}\n  ProxyJump {jump.name}\n"
-    ))
+    cfg.write_text(
+        lab.ssh_config.read_text()
+        + (
+            f"\nHost hidden\n  HostName {target.address}\n  User root\n  IdentityFile {lab.identity}\n"
+            f"  UserKnownHostsFile {lab.known_hosts}\n  ProxyJump {jump.name}\n"
+        )
+    )
     km = managers(ssh_config_file=str(cfg), remote_hosts=["hidden"])
     with pytest.raises(Exception, match="set GP_RESPONSE_IP"):
         await km.start_kernel(env=env())
@@ -69,14 +75,35 @@ async def test_a_hand_written_seed_spec_works(lab, managers, kernels_dir):
 
     def seed(spec: dict) -> None:
         spec.clear()
-        spec.update({
-            "argv": ["python", str(scripts / "launch_ipykernel.py"), "--kernel-id", "{kernel_id}",
-                     "--port-range", "{port_range}", "--response-address", "{response_address}",
-                     "--public-key", "{public_key}", "--kernel-class-name", "ipykernel.ipkernel.IPythonKernel"],
-            "env": {}, "display_name": "Python SSH", "language": "python", "interrupt_mode": "signal",
-            "metadata": {"debugger": True, "kernel_provisioner": {
-                "provisioner_name": "distributed-provisioner", "config": {"launch_timeout": 30}}},
-        })
+        spec.update(
+            {
+                "argv": [
+                    "python",
+                    str(scripts / "launch_ipykernel.py"),
+                    "--kernel-id",
+                    "{kernel_id}",
+                    "--port-range",
+                    "{port_range}",
+                    "--response-address",
+                    "{response_address}",
+                    "--public-key",
+                    "{public_key}",
+                    "--kernel-class-name",
+                    "ipykernel.ipkernel.IPythonKernel",
+                ],
+                "env": {},
+                "display_name": "Python SSH",
+                "language": "python",
+                "interrupt_mode": "signal",
+                "metadata": {
+                    "debugger": True,
+                    "kernel_provisioner": {
+                        "provisioner_name": "distributed-provisioner",
+                        "config": {"launch_timeout": 30},
+                    },
+                },
+            }
+        )
 
     add_spec(kernels_dir, "seed_python", seed)
     km = managers("seed_python")

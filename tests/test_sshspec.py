@@ -382,7 +382,7 @@ def test_r_spark_layout(tmp_path: Path, master: str, mode: str) -> None:
 def test_spark_submit_layouts(tmp_path: Path, language: str, spark: bool) -> None:
     name = f"ssh_{language.lower()}" + ("_spark" if spark else "")
     if not (ROOT / "kernelspecs" / name / "bin" / "run.sh").is_file():
-        pytest.skip(f"kernelspecs/{name}/bin/run.sh (the spark-submit wrapper, issue 4) is not written yet")
+        pytest.skip(f"Scala kernels (Apache Toree) are not supported yet: kernelspecs/{name}/bin/run.sh does not exist")
     options = SpecOptions(language=language, spark=spark, spark_master="spark://m:7077", interpreter=PY)
     opts, _ = options.resolve()
     spec_dir = specs.install(opts, tmp_path / "kernels" / opts.kernel_name)

@@ -29,8 +29,9 @@ def walled_host(lab) -> Iterator:
     try:
         yield host
     finally:
-        subprocess.run(["ip", "netns", "exec", host.netns, "nft", "delete", "table", "inet", "sg_tunnel_test"],
-                       check=False)
+        subprocess.run(
+            ["ip", "netns", "exec", host.netns, "nft", "delete", "table", "inet", "sg_tunnel_test"], check=False
+        )
 
 
 @pytest.mark.asyncio
