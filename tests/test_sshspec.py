@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 from jupyter_client import AsyncKernelManager
 from jupyter_client.kernelspec import KernelSpecManager
-from traitlets.config import Config
 
 from spark_gateway import __version__, specs
 from spark_gateway.specs import SpecOptions, manifest
 from spark_gateway.ssh import SshPool, SshSettings
+from tests.conftest import env, execute, gateway_config
 from tests.hostlab import HostLab, LabHost, lab_hosts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -729,29 +729,14 @@ def test_check_catches_firewalled_kernel_ports_and_callbacks(tmp_path: Path) -> 
 
 async def run_in_kernel(ksm: KernelSpecManager, name: str, lab: HostLab, code: str) -> list[str]:
     """Start kernel `name` through the DistributedProvisioner, run `code`, shut down; returns the output lines."""
-    config = Config()
-    config.DistributedProvisioner.ssh_config_file = str(lab.ssh_config)
-    config.DistributedProvisioner.response_port = 0  # any free port: other suites may hold 8877 on the bridge
-    km = AsyncKernelManager(kernel_name=name, kernel_spec_manager=ksm, config=config)
-    await km.start_kernel(env={**os.environ, "KERNEL_USERNAME": "alice"})
-    out: list[str] = []
-
-    def hook(msg: dict) -> None:
-        if msg["msg_type"] == "stream":
-            out.append(msg["content"]["text"])
-        elif msg["msg_type"] == "error":
-            out.append("\n".join(msg["content"]["traceback"]))
-
+    km = AsyncKernelManager(kernel_name=name, kernel_spec_manager=ksm, config=gateway_config(lab))
+    await km.start_kernel(env=env())  # the spec's own remote_hosts decide where it runs
     try:
-        kc = km.client()
-        kc.start_channels()
-        await kc.wait_for_ready(timeout=60)
-        reply = await kc.execute_interactive(code, timeout=120, output_hook=hook)
-        kc.stop_channels()
+        out, reply = await execute(km, code, timeout=120)
     finally:
         await km.shutdown_kernel(now=True)
-    assert reply["content"]["status"] == "ok", out
-    return "".join(out).splitlines()
+    assert reply["status"] == "ok", out
+    return out.splitlines()
 
 
 @pytest.mark.asyncio
