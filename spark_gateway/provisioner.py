@@ -880,8 +880,5 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self.spark = provisioner_info.get("spark")
         self.skipped = provisioner_info.get("skipped", [])
 
-    def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
-        return recommended
-
     def get_stable_start_time(self, recommended: float = 10.0) -> float:
         return max(recommended, self.launch_timeout)
