@@ -109,8 +109,10 @@ class Spec:
 
     @property
     def probe_python(self) -> str:
-        """A Python on the host for the network probes: the kernel's own, else python3 on PATH."""
-        return self.interpreter if self.language == "python" else "python3"
+        """A Python on the host for the network probes: the kernel's own, the listener's (R), else python3."""
+        if self.language == "python":
+            return self.interpreter
+        return self.env.get("GP_LISTENER_PYTHON") or "python3"
 
 
 @dataclass
@@ -305,6 +307,14 @@ def _check_interpreter(host: Host, spec: Spec) -> Outcome:
     if res.status != 0:
         last = (res.stderr.strip().splitlines() or [f"exit {res.status}"])[-1]
         return fail(f"{path} on {host.entry} cannot load the kernel: {last}", f"on {host.entry}: {install}")
+    listener = spec.env.get("GP_LISTENER_PYTHON")
+    if spec.language != "python" and listener:  # R: the protocol runs in server_listener.py under this Python
+        q = shlex.quote(listener)
+        if host.run(f"test -x {q} && exec {q} -c 'import Crypto.Cipher.AES'").status != 0:
+            return fail(
+                f"the listener's Python {listener} on {host.entry} is missing or lacks pycryptodome",
+                f"on {host.entry}: {listener} -m pip install pycryptodome (or set GP_LISTENER_PYTHON in the spec)",
+            )
     return ok(res.stdout.strip() or path)
 
 

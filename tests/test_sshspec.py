@@ -782,3 +782,25 @@ def pyspark_dir() -> str:
 
     found = importlib.util.find_spec("pyspark")
     return str(Path(found.origin).parent) if found and found.origin else ""
+
+
+def test_check_catches_an_r_listener_python_without_pycryptodome(
+    lab: HostLab, hosts: list[LabHost], tmp_path: Path
+) -> None:
+    system_python = "/usr/bin/python3"
+    if not shutil.which("Rscript") or subprocess.run([system_python, "-c", "import Crypto"]).returncode == 0:
+        pytest.skip("needs Rscript, and a system Python without pycryptodome to stand for a bare host")
+    gateway, one, _ = hosts
+    ssh = f"--ssh-config={lab.ssh_config}"
+    assert on(gateway, "install", f"--remote-hosts={one.name}", "--language=R", "--kernel-name=r_bare",
+              home=tmp_path).returncode == 0  # fmt: skip
+    path = f"{KERNELS}/r_bare/kernel.json"
+    spec = json.loads(gateway.run(["cat", path]).stdout)
+    spec["env"]["GP_LISTENER_PYTHON"] = system_python  # the R kernel's protocol runs in server_listener.py there
+    gateway.run(["sh", "-c", f"cat > {path}"], input=json.dumps(spec))
+    on(gateway, "sync", "r_bare", ssh, home=tmp_path)
+    proc = on(gateway, "check", "r_bare", ssh, home=tmp_path)
+    assert proc.returncode == 1
+    assert tables(proc.stdout)["r_bare"][one.name]["interpreter"] == "FAIL"
+    assert f"the listener's Python {system_python} on {one.name} is missing or lacks pycryptodome" in proc.stdout
+    assert f"fix: on {one.name}: {system_python} -m pip install pycryptodome" in proc.stdout
