@@ -39,6 +39,7 @@ from .ssh import CommandResult, SshError, SshPool, SshSettings, in_thread, is_lo
 
 KERNEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 INVENTORY_SHARING = 0.5  # seconds during which launches reuse a host's inventory
+PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
 PLACEHOLDERS = ("kernel_id", "port_range", "response_address", "public_key")
 SPARK_MODE_FLAG = "--spark-context-initialization-mode"
 SPARK_WATCH_LIMIT = 900.0  # seconds the gateway keeps asking a lazy kernel about its SparkSession
@@ -287,6 +288,7 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     _exit_status: int | None = None
     _unreachable_since: float | None = None
     _tunnels: tunnel.Tunnels | None = None
+    remote_ports: dict[str, int] | None = None  # tunnelled kernels: the ports on the host behind the local forwards
 
     # ------------------------------------------------------------------ plumbing
     @property
@@ -655,13 +657,14 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     async def _tunnel_ports(self, host: str, conn: KernelConnectionInfo) -> KernelConnectionInfo:
         """Forward the kernel's ports and its listener to local ports; clients then connect to 127.0.0.1."""
+        assert self.listener is not None
+        if self.remote_ports is None:  # the ports as the kernel bound them on its host
+            self.remote_ports = {name: int(conn[name]) for name in PORT_NAMES} | {"listener": self.listener[1]}
         transport = (await in_thread(self.pool.client, host)).get_transport()
         self._tunnels = tunnel.Tunnels(transport)
-        conn = dict(conn, ip="127.0.0.1")
-        for name in ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port"):
-            conn[name] = self._tunnels.forward(int(conn[name]))
-        assert self.listener is not None
-        self.listener = ("127.0.0.1", self._tunnels.forward(self.listener[1]), self.listener[2])
+        forwarded = {name: self._tunnels.forward(self.remote_ports[name]) for name in PORT_NAMES}
+        conn = dict(conn, ip="127.0.0.1") | forwarded
+        self.listener = ("127.0.0.1", self._tunnels.forward(self.remote_ports["listener"]), self.listener[2])
         self.connection_info = conn
         return conn
 
@@ -839,6 +842,7 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         if self._tunnels is not None:
             self._tunnels.close()
             self._tunnels = None
+        self.remote_ports = None
         if self._spark_watch is not None:
             self._spark_watch.cancel()
             self._spark_watch = None
@@ -861,6 +865,7 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             log_file=self.log_file,
             spark=self.spark,
             skipped=self.skipped,
+            remote_ports=self.remote_ports,
         )
         return info
 
@@ -879,6 +884,9 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self.log_file = provisioner_info.get("log_file")
         self.spark = provisioner_info.get("spark")
         self.skipped = provisioner_info.get("skipped", [])
+        self.remote_ports = provisioner_info.get("remote_ports")
+        if self.remote_ports and self.host:  # tunnelled: the old gateway's local ports died with it
+            await self._tunnel_ports(self.host, self.connection_info)
 
     def get_stable_start_time(self, recommended: float = 10.0) -> float:
         return max(recommended, self.launch_timeout)

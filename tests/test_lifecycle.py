@@ -161,7 +161,7 @@ REATTACH = textwrap.dedent(
         km.provisioner = KernelProvisionerFactory.instance().create_provisioner_instance(
             km.kernel_id, km.kernel_spec, parent=km)
         await km.provisioner.load_provisioner_info(info)
-        km.load_connection_info(info["connection_info"])
+        km.load_connection_info(km.provisioner.connection_info)  # tunnelled kernels get new local ports
         result = {"alive": await km.is_alive()}
         kc = km.client(); kc.start_channels(); await kc.wait_for_ready(timeout=30)
         msg_id = kc.execute("import time; time.sleep(60)")

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
 
 from tests.conftest import env, execute, kernel_processes, wait_for
+from tests.test_lifecycle import REATTACH
 
 # In: only SSH (and replies). Out: nothing the host starts itself, so not even the callback to the gateway.
 RULES = """table inet sg_tunnel_test {
@@ -66,3 +69,20 @@ async def test_tunneled_kernel_works_through_ssh_alone(walled_host, managers):
     await km.shutdown_kernel()
     assert wait_for(lambda: not kernel_processes(walled_host, km.kernel_id), 1.0)
     assert not [p for p, cmd in walled_host.processes() if "ssh" not in cmd and km.kernel_id in cmd]
+
+
+@pytest.mark.asyncio
+async def test_tunneled_kernel_is_reattached_by_a_new_gateway(walled_host, managers, kernels_dir, lab, tmp_path):
+    km = managers(enable_tunneling=True)
+    await km.start_kernel(env=env(KERNEL_REMOTE_HOST=walled_host.name))
+    info = await km.provisioner.get_provisioner_info()
+    (tmp_path / "info.json").write_text(json.dumps(info))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", REATTACH, str(tmp_path / "info.json"), str(kernels_dir), str(lab.ssh_config),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(GP_ENABLE_TUNNELING="true"),
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 90)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    assert result == {"alive": True, "interrupted": "KeyboardInterrupt", "alive_after": False}
+    assert wait_for(lambda: not kernel_processes(walled_host, km.kernel_id), 1.0)
