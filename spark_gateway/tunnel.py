@@ -15,7 +15,8 @@ from typing import Any
 
 import paramiko
 
-_reverse: weakref.WeakKeyDictionary[paramiko.Transport, int] = weakref.WeakKeyDictionary()
+# per connection: host-side forwarded port -> the local port of the callback server it leads to
+_reverse: weakref.WeakKeyDictionary[paramiko.Transport, dict[int, int]] = weakref.WeakKeyDictionary()
 _reverse_lock = threading.Lock()
 
 
@@ -53,18 +54,26 @@ def splice(sock: socket.socket, channel: paramiko.Channel) -> None:
 
 
 def callback_forward(transport: paramiko.Transport, local_port: int) -> int:
-    """The port on the host's 127.0.0.1 that leads back to our callback server (one per connection)."""
+    """The port on the host's 127.0.0.1 that leads back to our callback server at `local_port`."""
     with _reverse_lock:
-        if transport not in _reverse:
+        routes = _reverse.setdefault(transport, {})
+        for remote, local in routes.items():
+            if local == local_port:
+                return remote
 
-            def arrived(channel: paramiko.Channel, origin: Any, server: Any) -> None:
-                try:
-                    splice(socket.create_connection(("127.0.0.1", local_port), timeout=10), channel)
-                except OSError:
-                    channel.close()
+        def arrived(channel: paramiko.Channel, origin: Any, server: Any) -> None:
+            # paramiko has one handler per connection: route by the host-side port the kernel connected to
+            target = _reverse.get(transport, {}).get(server[1])
+            try:
+                if target is None:
+                    raise OSError(f"no callback route for port {server[1]}")
+                splice(socket.create_connection(("127.0.0.1", target), timeout=10), channel)
+            except OSError:
+                channel.close()
 
-            _reverse[transport] = transport.request_port_forward("127.0.0.1", 0, handler=arrived)
-        return _reverse[transport]
+        remote = transport.request_port_forward("127.0.0.1", 0, handler=arrived)
+        routes[remote] = local_port
+        return remote
 
 
 class Tunnels:
