@@ -5,7 +5,9 @@ PIP     := $(PY) -m pip
 APT_PKGS := openssh-server openssh-client iproute2 procps util-linux nftables sudo r-base-core r-cran-irkernel
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install system-deps test demo demo-standalone bench lint clean specs
+SPARK35_VENV ?= .venv-spark35
+export SG_SPARK35_VENV := $(abspath $(SPARK35_VENV))
+.PHONY: install system-deps test demo demo-standalone bench lint clean specs spark35
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -13,7 +15,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e '.[spark,test]'
 	touch $@
 
-install: $(VENV)/.installed  ## a .venv with the package, Spark and the test tools
+# Scala kernels: Apache Toree 0.5 is built for Scala 2.12, so it needs Spark 3.x; the main .venv has pyspark 4.
+# A second environment holds pyspark 3.5 and apache-toree (pip only; about 40 s). tests/test_scala_kernel.py uses it.
+$(SPARK35_VENV)/.installed:
+	test -x $(SPARK35_VENV)/bin/python || python3 -m venv $(SPARK35_VENV)
+	$(SPARK35_VENV)/bin/python -m pip install -q 'pyspark==3.5.*' 'apache-toree==0.5.0'
+	touch $@
+
+spark35: $(SPARK35_VENV)/.installed  ## .venv-spark35: pyspark 3.5 + Apache Toree 0.5, for Scala kernels and their tests
+
+install: $(VENV)/.installed $(SPARK35_VENV)/.installed  ## a .venv with the package, Spark and the test tools
 
 system-deps:  ## Debian packages the real test hosts need (sshd, ip, setsid; R and IRkernel for R kernels)
 	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \

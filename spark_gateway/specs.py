@@ -10,10 +10,12 @@ sees a half-written spec and a failed `--replace` keeps the old one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import hashlib
 import importlib
+import importlib.util
 import json
 import os
 import re
@@ -48,8 +50,12 @@ IGNORED = ("__pycache__", "*.pyc")  # never part of a spec: written next to the 
 LAUNCHERS: dict[str, list[tuple[str, str]]] = {
     "python": [("python/scripts/launch_ipykernel.py", "scripts"), ("shared/scripts/server_listener.py", "scripts")],
     "r": [("R/scripts/launch_IRkernel.R", "scripts"), ("shared/scripts/server_listener.py", "scripts")],
-    "scala": [("scala/lib/toree-launcher*.jar", "lib"), ("scala/lib/toree-assembly*.jar", "lib")],
+    "scala": [("scala/scripts/launch_toree.sh", "scripts"), ("shared/scripts/server_listener.py", "scripts")],
 }
+# Apache Toree's assembly (not part of this repository: `pip install apache-toree`), copied into a Scala spec's lib/.
+TOREE_JAR = "toree-assembly-*.jar"
+TOREE_SCALA = {"0.5": "2.12"}  # Toree release (major.minor) -> the Scala it is built for (apache-toree 0.5.0: Spark 3)
+SPARK_OF_SCALA = {"2.12": "Spark 3.x", "2.13": "Spark 3.x built for Scala 2.13, or Spark 4.x"}
 INTERPRETERS = {"python": "python3", "r": "Rscript"}  # looked up on PATH when not given; Scala runs spark-submit
 
 _KERNEL_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*\Z")  # jupyter_client's rule, minus names starting with a dot
@@ -169,6 +175,7 @@ class SpecOptions:
     spark_init_mode: str = "lazy"
     extra_spark_opts: str = ""
     kernel_class_name: str = DEFAULT_KERNEL_CLASS
+    toree_jar: str = ""  # Scala: default found by find_toree_jar()
     config: dict[str, Any] = field(default_factory=dict)  # metadata.kernel_provisioner.config entries
 
     @property
@@ -199,6 +206,13 @@ class SpecOptions:
         name = kernel_name(self.kernel_name or KERNEL_NAMES[lang] + suffix[0])
         _template_dir(KERNEL_NAMES[lang] + suffix[0])
         _launcher_files(lang)  # what is missing is said before the interpreter is looked for
+        toree = ""
+        if lang == "scala":
+            toree = str(find_toree_jar(self.toree_jar, self.spark_home))
+            if warning := check_toree_scala(Path(toree), self.spark_home):
+                warnings.append(warning)
+        elif self.toree_jar:
+            warnings.append(f"--toree-jar is ignored for language {LANGUAGES[lang]}")
         resolved = dataclasses.replace(
             self,
             language=lang,
@@ -207,6 +221,7 @@ class SpecOptions:
             display_name=self.display_name or DISPLAY_NAMES[lang] + suffix[1],
             interpreter=interpreter(lang, self.interpreter),
             extra_spark_opts=self.extra_spark_opts.strip() if self.spark else "",
+            toree_jar=toree,
             config=dict(self.config),
         )
         return resolved, warnings
@@ -247,6 +262,68 @@ def _launcher_files(language: str) -> list[tuple[Path, str]]:
     return files
 
 
+def find_toree_jar(explicit: str = "", spark_home: str = "") -> Path:
+    """Apache Toree's assembly jar: `explicit`, else kernel-launchers/scala/lib/, else the apache-toree package's
+    (`toree/lib/`) beside SPARK_HOME's pyspark (pip's pyspark: SPARK_HOME is site-packages/pyspark) or importable
+    by this Python, else the `apache_toree_scala` kernelspec of this environment. SpecError when there is none."""
+    if explicit:
+        path = Path(os.path.abspath(os.path.expanduser(explicit)))
+        if not path.is_file():
+            raise SpecError(f"--toree-jar {explicit} does not exist: pass the path of toree-assembly-<version>.jar")
+        if not fnmatch.fnmatch(path.name, TOREE_JAR):
+            raise SpecError(f"--toree-jar {explicit} is not Apache Toree's assembly ({TOREE_JAR})")
+        return path
+    places = [data_dir("kernel-launchers") / "scala" / "lib"]
+    if spark_home:
+        places.append(Path(spark_home).parent / "toree" / "lib")
+    with contextlib.suppress(ImportError, ValueError):
+        found = importlib.util.find_spec("toree")
+        if found is not None and found.origin:
+            places.append(Path(found.origin).parent / "lib")
+    places.append(Path(sys.prefix) / "share" / "jupyter" / "kernels" / "apache_toree_scala" / "lib")
+    for place_ in places:
+        jars = sorted(place_.glob(TOREE_JAR)) if place_.is_dir() else []
+        if jars:
+            return jars[-1]
+    raise SpecError(
+        f"Scala kernelspecs need Apache Toree's {TOREE_JAR}, found neither beside --spark-home's pyspark nor in this "
+        "Python: pip install apache-toree==0.5.0 (into the environment of a Spark 3.x pyspark), or pass "
+        "--toree-jar=/path/to/toree-assembly-<version>.jar"
+    )
+
+
+def spark_scala_version(spark_home: str) -> tuple[str, str] | None:
+    """(Scala version, jar name) of `SPARK_HOME/jars/scala-library-<version>.jar`, or None when not found here."""
+    jars = sorted(Path(spark_home, "jars").glob("scala-library-*.jar")) if spark_home else []
+    if not jars:
+        return None
+    return jars[-1].name[len("scala-library-") : -len(".jar")], jars[-1].name
+
+
+def check_toree_scala(jar: Path, spark_home: str) -> str | None:
+    """SpecError when Toree's Scala differs from the Spark's at `spark_home`; a warning when it cannot be told."""
+    m = re.match(r"toree-assembly-(\d+\.\d+)\.", jar.name)
+    toree_scala = TOREE_SCALA.get(m[1]) if m else None
+    if toree_scala is None:
+        return f"cannot tell which Scala {jar.name} is built for: its Spark must use the same Scala"
+    found = spark_scala_version(spark_home)
+    if found is None:
+        return (
+            f"no Spark at {spark_home} on this machine ({spark_home}/jars/scala-library-*.jar): cannot check that it "
+            f"uses Scala {toree_scala}, which {jar.name} needs; the launcher checks it on each host"
+        )
+    version, name = found
+    spark_scala = ".".join(version.split(".")[:2])
+    if spark_scala != toree_scala:
+        raise SpecError(
+            f"Apache Toree {jar.name} is built for Scala {toree_scala} ({SPARK_OF_SCALA.get(toree_scala, 'Spark')}), "
+            f"but the Spark at {spark_home} uses Scala {version} ({name}): its Scala kernels would die with "
+            f"NoSuchMethodError; pass --spark-home of a {SPARK_OF_SCALA.get(toree_scala, 'matching Spark')} "
+            "installation (e.g. pip install 'pyspark==3.5.*' apache-toree==0.5.0), see docs/scala-kernels.md"
+        )
+    return None
+
+
 def _substitute(value: str, subs: dict[str, str]) -> str:
     for key, new in subs.items():
         value = value.replace(key, new)
@@ -277,10 +354,12 @@ def render(opts: SpecOptions, install_dir: Path) -> dict[str, Any]:
             else:
                 spark_opts = f"{spark_opts} {opts.extra_spark_opts}"
         env["SPARK_OPTS"] = spark_opts
-        if opts.language in ("python", "r"):
+        if opts.language in ("python", "r", "scala"):
             _set_flag(spec["argv"], INIT_FLAG, opts.spark_init_mode)
         if opts.language == "python":
             env["PYSPARK_PYTHON"] = opts.interpreter
+    elif opts.language == "scala":
+        _set_flag(spec["argv"], INIT_FLAG, "none")  # Toree without a Spark context (spark-submit runs it anyway)
     if opts.language == "python":
         _set_flag(spec["argv"], CLASS_FLAG, opts.kernel_class_name)
     spec["display_name"] = opts.display_name
@@ -314,6 +393,9 @@ def _fill(opts: SpecOptions, install_dir: Path, staging: Path) -> None:
     for path, subdir in _launcher_files(opts.language):
         (staging / subdir).mkdir(exist_ok=True)
         shutil.copy2(path, staging / subdir / path.name)
+    if opts.toree_jar:
+        (staging / "lib").mkdir(exist_ok=True)
+        shutil.copy2(opts.toree_jar, staging / "lib" / Path(opts.toree_jar).name)
     for script in (staging / "bin").glob("*"):
         script.chmod(0o755)
     prefix = f"{install_dir}/"

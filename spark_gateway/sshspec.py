@@ -66,6 +66,11 @@ class BaseSpecApp(_App):
         help="Where Spark is installed on the hosts (SPARK_HOME).",
     )
     spark_init_mode = Unicode("lazy", config=True, help="When the Spark context is created: lazy, eager or none.")
+    toree_jar = Unicode(
+        config=True,
+        help="Scala: Apache Toree's toree-assembly-*.jar to copy into the spec. Default: the one of the apache-toree "
+        "package beside --spark-home's pyspark, or importable here.",
+    )
     extra_spark_opts = Unicode(config=True, help="More spark-submit options, added to SPARK_OPTS.")
     authorized_users = Set(
         Unicode(),
@@ -103,6 +108,7 @@ class BaseSpecApp(_App):
         "interpreter": "BaseSpecApp.interpreter",
         "spark-home": "BaseSpecApp.spark_home",
         "spark-init-mode": "BaseSpecApp.spark_init_mode",
+        "toree-jar": "BaseSpecApp.toree_jar",
         "extra-spark-opts": "BaseSpecApp.extra_spark_opts",
         "authorized-users": "BaseSpecApp.authorized_users",
         "unauthorized-users": "BaseSpecApp.unauthorized_users",
@@ -188,6 +194,7 @@ jupyter ssh-spec install --language R --spark --spark-master yarn --user
             spark_init_mode=self.spark_init_mode,
             extra_spark_opts=self.extra_spark_opts,
             kernel_class_name=self.ipykernel_subclass_name,
+            toree_jar=self.toree_jar,
             config=self.provisioner_config(explicit),
         )
 

@@ -85,6 +85,8 @@ class SparkCluster:
     ui_port: int
     dir: Path
     host: LabHost | None = None
+    spark_home: str = SPARK_HOME
+    workers: int = WORKERS
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @property
@@ -92,11 +94,20 @@ class SparkCluster:
         return f"spark://{self.address}:{self.port}"
 
     @classmethod
-    def start(cls, lab: HostLab | None = None) -> SparkCluster:
+    def start(
+        cls,
+        lab: HostLab | None = None,
+        *,
+        spark_home: str = SPARK_HOME,
+        workers: int = WORKERS,
+        netns_ports: tuple[int, int] = (7077, 8080),
+    ) -> SparkCluster:
+        """`spark_home`: another Spark (e.g. a 3.5 pyspark for Scala kernels); `netns_ports`: master and UI ports
+        inside the lab host, so two clusters can share it (loopback mode takes free ports)."""
         host = lab.hosts[-1] if lab is not None and lab.mode == "netns" else None
         address = host.address if host else "127.0.0.1"
-        ports = (7077, 8080) if host else (_free_port(address), _free_port(address))
-        cluster = cls(address, *ports, Path(tempfile.mkdtemp(prefix="sg-spark-")), host)
+        ports = netns_ports if host else (_free_port(address), _free_port(address))
+        cluster = cls(address, *ports, Path(tempfile.mkdtemp(prefix="sg-spark-")), host, spark_home, workers)
         try:
             cluster._launch()
             cluster._wait_ready()
@@ -110,7 +121,7 @@ class SparkCluster:
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": str(self.dir),
-            "SPARK_HOME": SPARK_HOME,
+            "SPARK_HOME": self.spark_home,
             "PYSPARK_PYTHON": PYTHON,
             "SPARK_LOCAL_IP": self.address,
             "SPARK_DAEMON_MEMORY": "256m",
@@ -119,12 +130,12 @@ class SparkCluster:
         }
         if "JAVA_HOME" in os.environ:
             env["JAVA_HOME"] = os.environ["JAVA_HOME"]
-        spark_class = f"{SPARK_HOME}/bin/spark-class"
+        spark_class = f"{self.spark_home}/bin/spark-class"
         daemons = [
             ("master", ["org.apache.spark.deploy.master.Master", "--host", self.address, "--port", str(self.port),
                         "--webui-port", str(self.ui_port)]),
         ]  # fmt: skip
-        for i in range(1, WORKERS + 1):
+        for i in range(1, self.workers + 1):
             work = self.dir / f"worker{i}"
             work.mkdir()
             daemons.append((f"worker{i}", ["org.apache.spark.deploy.worker.Worker", "--host", self.address,
@@ -147,10 +158,10 @@ class SparkCluster:
                 raise SparkClusterError(f"a Spark daemon exited ({dead[0].returncode}):\n{self.logs()}")
             with contextlib.suppress(OSError, ValueError):
                 alive = [w for w in self.state().get("workers", []) if w.get("state") == "ALIVE"]
-                if len(alive) == WORKERS:
+                if len(alive) == self.workers:
                     return
             time.sleep(0.2)
-        raise SparkClusterError(f"{WORKERS} workers did not register within {START_TIMEOUT:g} s:\n{self.logs()}")
+        raise SparkClusterError(f"{self.workers} workers did not register within {START_TIMEOUT:g} s:\n{self.logs()}")
 
     def logs(self, lines: int = 15) -> str:
         parts = []

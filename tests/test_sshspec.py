@@ -38,7 +38,17 @@ R_LAUNCHER = ROOT / "kernel-launchers" / "R" / "scripts" / "launch_IRkernel.R"
 RSCRIPT = shutil.which("Rscript") or ""
 needs_rscript = pytest.mark.skipif(not RSCRIPT, reason="Rscript is not installed (make system-deps installs R)")
 R_FILES = {"kernel.json", "logo-64x64.png", "scripts/launch_IRkernel.R", "scripts/server_listener.py"}
-TOREE_JARS = list((ROOT / "kernel-launchers" / "scala" / "lib").glob("toree-launcher*.jar"))
+
+
+def toree_usable(spark_home: str) -> bool:
+    """Whether `ssh-spec install --language Scala` finds a Toree jar for `spark_home` and accepts that Spark."""
+    try:
+        specs.check_toree_scala(specs.find_toree_jar("", spark_home), spark_home)
+    except specs.SpecError:
+        return False
+    return True
+
+
 PYTHON_FILES = {"kernel.json", "logo-64x64.png", "scripts/launch_ipykernel.py", "scripts/server_listener.py"}
 
 
@@ -242,8 +252,10 @@ BAD_INPUT = [
     (["--spark", "--spark-home=opt/spark"], "--spark-home 'opt/spark' must be an absolute path"),
     (["surplus"], "unexpected argument 'surplus'"),
 ]
-if not TOREE_JARS:
-    BAD_INPUT.append((["--language=scala"], "Scala kernelspecs need kernel-launchers/scala/lib/toree-launcher*.jar"))
+try:
+    specs.find_toree_jar("", "/opt/spark")  # the default --spark-home, as the command below sees it
+except specs.SpecError:
+    BAD_INPUT.append((["--language=scala"], "Scala kernelspecs need Apache Toree's toree-assembly-*.jar"))
 
 
 @pytest.fixture(scope="module")
@@ -323,21 +335,6 @@ def test_spark_install_for_each_master(tmp_path: Path, master: str, head: str) -
     assert config_of(spec) == config_of(json.loads((SPARK_TEMPLATE / "kernel.json").read_text()))
 
 
-@pytest.fixture
-def stand_in_launchers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The Scala launchers are a later issue: stand-in files at their documented places (only where the real ones
-    are missing) let the tests see what those specs are made of."""
-    data = tmp_path / "data"
-    shutil.copytree(ROOT / "kernelspecs", data / "kernelspecs")
-    shutil.copytree(ROOT / "kernel-launchers", data / "kernel-launchers")
-    launchers = data / "kernel-launchers"
-    for pattern, _ in specs.LAUNCHERS["scala"]:
-        if not list(launchers.glob(pattern)):
-            (launchers / pattern).parent.mkdir(parents=True, exist_ok=True)
-            (launchers / pattern.replace("*", "-stand-in")).write_text("stand-in\n")
-    monkeypatch.setattr(specs, "data_dir", lambda name: data / name)
-
-
 @needs_rscript
 def test_r_layout(tmp_path: Path) -> None:
     opts, _ = SpecOptions(language="R").resolve()
@@ -377,21 +374,48 @@ def test_r_spark_layout(tmp_path: Path, master: str, mode: str) -> None:
     }  # fmt: skip
 
 
-@pytest.mark.usefixtures("stand_in_launchers")
-@pytest.mark.parametrize(("language", "spark"), [("Scala", False), ("Scala", True)])
-def test_spark_submit_layouts(tmp_path: Path, language: str, spark: bool) -> None:
-    name = f"ssh_{language.lower()}" + ("_spark" if spark else "")
-    if not (ROOT / "kernelspecs" / name / "bin" / "run.sh").is_file():
-        pytest.skip(f"Scala kernels (Apache Toree) are not supported yet: kernelspecs/{name}/bin/run.sh does not exist")
-    options = SpecOptions(language=language, spark=spark, spark_master="spark://m:7077", interpreter=PY)
-    opts, _ = options.resolve()
+@pytest.mark.parametrize(("spark", "mode"), [(False, "none"), (True, "eager")])
+def test_scala_layouts(tmp_path: Path, spark: bool, mode: str) -> None:
+    """Toree's jar is copied into lib/ (a stand-in file here: the real one is tested in tests/test_scala_kernel.py)."""
+    jar = tmp_path / "toree-assembly-0.5.0-incubating.jar"
+    jar.write_text("stand-in\n")
+    master = {"spark_master": "spark://m:7077", "spark_init_mode": mode} if spark else {}  # else: no Spark context
+    options = SpecOptions(language="Scala", spark=spark, spark_home=str(tmp_path / "no-spark"), toree_jar=str(jar),
+                          **master)  # fmt: skip
+    opts, warnings = options.resolve()
+    assert warnings == [
+        f"no Spark at {tmp_path}/no-spark on this machine ({tmp_path}/no-spark/jars/scala-library-*.jar): cannot "
+        f"check that it uses Scala 2.12, which {jar.name} needs; the launcher checks it on each host"
+    ]
     spec_dir = specs.install(opts, tmp_path / "kernels" / opts.kernel_name)
-    expected = {"kernel.json", "logo-64x64.png", "bin/run.sh"}
-    expected |= {"scripts/launch_IRkernel.R", "scripts/server_listener.py"} if language == "R" else {"lib"}
-    assert {f if not f.startswith("lib/") else "lib" for f in files(spec_dir)} == expected
+    assert spec_dir.name == ("ssh_scala_spark" if spark else "ssh_scala")
+    assert files(spec_dir) == {"kernel.json", "logo-64x64.png", "bin/run.sh", "scripts/launch_toree.sh",
+                               "scripts/server_listener.py", f"lib/{jar.name}"}  # fmt: skip
+    assert (spec_dir / "lib" / jar.name).read_bytes() == jar.read_bytes()
+    for script in ("bin/run.sh", "scripts/launch_toree.sh"):
+        assert os.access(spec_dir / script, os.X_OK)
     spec = kernel_json(spec_dir)
     assert spec["argv"][0] == f"{spec_dir}/bin/run.sh"
+    assert spec["argv"][-2:] == ["--spark-context-initialization-mode", mode]
     assert spec["env"]["SPARK_OPTS"].startswith("--master spark://m:7077 " if spark else "--name ")
+    assert spec["env"]["GP_LISTENER_PYTHON"] == PY and spec["env"]["__TOREE_OPTS__"] == "--alternate-sigint USR2"
+
+
+def test_scala_spark_scala_mismatch_is_refused(tmp_path: Path) -> None:
+    jar = tmp_path / "toree-assembly-0.5.0-incubating.jar"
+    jar.write_text("stand-in\n")
+    spark_home = tmp_path / "spark4"
+    (spark_home / "jars").mkdir(parents=True)
+    (spark_home / "jars" / "scala-library-2.13.16.jar").write_text("stand-in\n")
+    options = SpecOptions(language="Scala", spark=True, spark_home=str(spark_home), toree_jar=str(jar))
+    with pytest.raises(
+        specs.SpecError,
+        match=r"built for Scala 2\.12 \(Spark 3\.x\), but the Spark at .* uses Scala "
+        r"2\.13\.16 \(scala-library-2\.13\.16\.jar\): its Scala kernels would die with NoSuchMethodError",
+    ):
+        options.resolve()
+    (spark_home / "jars" / "scala-library-2.13.16.jar").rename(spark_home / "jars" / "scala-library-2.12.18.jar")
+    assert options.resolve()[1] == []  # Spark 3 (Scala 2.12): no warning
 
 
 # ------------------------------------------------------------------------------------------------ convert
@@ -751,7 +775,9 @@ async def test_make_specs_output_loads_and_starts_kernels(lab: HostLab, hosts: l
     assert "ssh_python" in built
     assert ("ssh_python_spark" in built) == (SPARK_TEMPLATE / "kernel.json").is_file()
     assert ("ssh_r" in built) == ("ssh_r_spark" in built) == bool(RSCRIPT)
-    assert ("ssh_scala" in built) == bool(TOREE_JARS)
+    assert ("ssh_scala" in built) == toree_usable(str(spark_home))  # pyspark 4 here: Toree's Scala 2.12 refused
+    if "ssh_scala" not in built:
+        assert "skipped ssh_scala: " in proc.stdout
     if not RSCRIPT:
         assert "skipped ssh_r: Rscript is not on PATH" in proc.stdout
     ksm = KernelSpecManager(kernel_dirs=[str(build)])

@@ -4,7 +4,8 @@ Self-contained (stdlib + pycryptodome) so it can be copied to cluster hosts. Imp
 in the same directory, or run standalone for launchers in other languages:
 
     server_listener.py --kernel-id ID --response-address H:P --public-key B64 --port-range R \
-        --connection-file PATH --pid PID [--ip IP] [--info-file PATH]    (reads GP_LAUNCH_TOKEN from the environment)
+        --connection-file PATH --pid PID [--ip IP] [--info-file PATH] [--wait-for-ports] [--interrupt-signal SIG]
+                                                                         (reads GP_LAUNCH_TOKEN from the environment)
 
 Standalone, it terminates PID when it cannot do its job (no connection file, no callback): a kernel the gateway
 cannot reach must not linger, and the launcher's exit makes the gateway fail the start at once with the log tail.
@@ -141,11 +142,20 @@ def build_connection_info(ports: list[int], ip: str = "0.0.0.0", kernel_name: st
 
 
 def write_connection_file(path: str, info: dict[str, Any]) -> None:
-    """Write ``info`` as JSON to ``path``, readable by the owner only (0600)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    """Write ``info`` as JSON to ``path``, readable by the owner only (0600).
+
+    The file appears complete (written beside it, then renamed), so a launcher polling for it never reads half of it.
+    """
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.fchmod(fd, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(info, f, indent=1)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(info, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        remove_file(tmp)
+        raise
 
 
 def remove_file(path: str) -> None:
@@ -349,8 +359,12 @@ class ControlListener:
         timeout: float = 5.0,
         max_connections: int = 16,
         info: Callable[[float], dict[str, Any]] | None = None,
+        interrupt_signal: int | None = None,
     ) -> None:
         self.pid, self.pgid, self.timeout, self.info = pid, pgid, timeout, info
+        # SIGINT to the pid is sent as this signal instead: for kernels that cannot handle SIGINT (a JVM started in
+        # the background inherits SIGINT ignored, and cannot handle it then; Toree takes --alternate-sigint USR2)
+        self.interrupt_signal = interrupt_signal
         self.secret = secret or secrets.token_bytes(32)
         self._slots = threading.BoundedSemaphore(max_connections)
         self._sock = _socket_for(ip)
@@ -436,6 +450,8 @@ class ControlListener:
         signum, group = args.get("signum"), args.get("group", False)
         if not isinstance(signum, int) or signum not in signal.valid_signals() or not isinstance(group, bool):
             return {"ok": False, "error": f"bad signal args {args!r}"}, None
+        if signum == signal.SIGINT and not group and self.interrupt_signal:
+            signum = self.interrupt_signal
         try:
             if group:
                 os.killpg(self.pgid, signum)
@@ -484,6 +500,28 @@ def pid_alive(pid: int) -> bool:
 
 
 # --- standalone ----------------------------------------------------------------------------------
+
+
+def listening_ports() -> set[int]:
+    """Local TCP ports in state LISTEN on this host (any address), from /proc/net/tcp and tcp6."""
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if len(fields) > 3 and fields[3] == "0A":  # TCP_LISTEN
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def wait_for_kernel_ports(pid: int, ports: list[int], interval: float = 0.1) -> None:
+    """Return once every port in ``ports`` is listening; raise if ``pid`` exits first. For kernels that bind the
+    connection file's ports themselves after the listener wrote it (Toree's JVM): the callback then tells the
+    gateway about a kernel clients can connect to at once."""
+    while not set(ports) <= listening_ports():
+        if not pid_alive(pid):
+            raise RuntimeError(f"process {pid} exited before its kernel listened on the connection file's ports")
+        time.sleep(interval)
 
 
 class FileReport:
@@ -543,6 +581,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pid", type=int, required=True)
     parser.add_argument("--ip", default=os.environ.get("GP_KERNEL_IP", "0.0.0.0"))
     parser.add_argument("--info-file", help="JSON object served by the `info` op (the launcher keeps it current)")
+    parser.add_argument(
+        "--interrupt-signal",
+        type=lambda name: signal.Signals[name if name.startswith("SIG") else f"SIG{name}"],
+        help="send SIGINT requests for PID as this signal (e.g. USR2)",
+    )
+    parser.add_argument(
+        "--wait-for-ports",
+        action="store_true",
+        help="call back only once PID's kernel listens on the connection file's ports (no time limit: the "
+        "gateway's launch timeout applies)",
+    )
     args = parser.parse_args(argv)
     token = take_launch_token()
     configure_logging()
@@ -556,8 +605,12 @@ def main(argv: list[str] | None = None) -> int:
         info = build_connection_info(ports[:-1], args.ip)
         write_connection_file(args.connection_file, info)
         report = FileReport(args.info_file) if args.info_file else None
-        listener = ControlListener(args.pid, pgid, port=ports[-1], ip=args.ip, info=report)
+        listener = ControlListener(
+            args.pid, pgid, port=ports[-1], ip=args.ip, info=report, interrupt_signal=args.interrupt_signal
+        )
         listener.start()
+        if args.wait_for_ports:
+            wait_for_kernel_ports(args.pid, ports[:-1])
         fields = payload_fields(args.kernel_id, info, args.pid, pgid, listener, args.connection_file)
         send_connection_info(args.response_address, args.public_key, args.kernel_id, token, fields)
     except Exception as exc:  # noqa: BLE001 (logged; the kernel is ended, see the module docstring)

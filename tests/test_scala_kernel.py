@@ -1,0 +1,220 @@
+"""Scala (Apache Toree) kernels over SSH on a real Spark 3.5 standalone cluster (see docs/scala-kernels.md).
+
+Toree 0.5 (apache-toree on PyPI) is built for Scala 2.12, so it runs on Spark 3.x only; the suite's own pyspark is
+4.x (Scala 2.13). These tests use a second environment, `.venv-spark35` (`make spark35`: pyspark 3.5.x and
+apache-toree 0.5.0), and skip when it is absent. The mismatch refusals need only pyspark 4 and the Toree jar.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jupyter_client import AsyncKernelManager
+
+from spark_gateway.specs import SpecOptions, install
+from tests.conftest import env, kernel_processes
+from tests.hostlab import HostLab
+from tests.spark_cluster import SPARK_HOME as SPARK4_HOME
+from tests.spark_cluster import SparkCluster, spark_jvms
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV35 = Path(os.environ.get("SG_SPARK35_VENV", ROOT / ".venv-spark35"))
+SPARK35_HOMES = sorted(VENV35.glob("lib/python3*/site-packages/pyspark"))
+TOREE_JARS = sorted(VENV35.glob("lib/python3*/site-packages/toree/lib/toree-assembly-*.jar"))
+SPARK35_HOME = str(SPARK35_HOMES[0]) if SPARK35_HOMES else ""
+TOREE_JAR = str(TOREE_JARS[0]) if TOREE_JARS else ""
+needs_spark35 = pytest.mark.skipif(
+    not (SPARK35_HOME and TOREE_JAR and list(Path(SPARK35_HOME or "/").glob("jars/scala-library-2.12.*.jar"))),
+    reason=f"no Spark 3.5 + Apache Toree environment at {VENV35} (create it with `make spark35`)",
+)
+needs_toree = pytest.mark.skipif(not TOREE_JAR, reason=f"no Apache Toree jar in {VENV35} (`make spark35`)")
+MODES = ("lazy", "eager")
+
+
+def ns_pid(pid: int) -> int:
+    """`pid` as the lab host's own PID namespace numbers it (what the gateway sees there)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("NSpid:"):
+            return int(line.split()[-1])
+    return pid
+
+
+def toree_jvms() -> list[tuple[int, str]]:
+    return [(pid, cmd) for pid, cmd in spark_jvms() if "org.apache.toree.Main" in cmd]
+
+
+@pytest.fixture(scope="module")
+def cluster35(lab: HostLab) -> Iterator[SparkCluster]:
+    """A Spark 3.5 standalone cluster (one worker) beside the suite's Spark 4 one, on other ports."""
+    if not SPARK35_HOME:
+        pytest.skip(f"no Spark 3.5 environment at {VENV35} (create it with `make spark35`)")
+    cluster = SparkCluster.start(lab, spark_home=SPARK35_HOME, workers=1, netns_ports=(7177, 8180))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def scala_specs(kernels_dir: Path, cluster35: SparkCluster) -> Path:
+    """ssh_scala_<mode> specs for the 3.5 cluster, installed by spark_gateway.specs (the Toree jar copied in)."""
+    for mode in MODES:
+        options = SpecOptions(language="Scala", spark=True, spark_master=cluster35.url, spark_home=SPARK35_HOME,
+                              spark_init_mode=mode, kernel_name=f"ssh_scala_{mode}", toree_jar=TOREE_JAR,
+                              extra_spark_opts="--driver-memory 512m --conf spark.executor.memory=512m",
+                              config={"launch_timeout": 90})  # fmt: skip
+        opts, _ = options.resolve()
+        install(opts, kernels_dir / opts.kernel_name, replace=True)
+    return kernels_dir
+
+
+async def run(km: AsyncKernelManager, code: str, timeout: float = 120) -> tuple[str, dict[str, Any]]:
+    """Execute `code`; returns (stream + text/plain results + error text, execute_reply content)."""
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=90)
+        out: list[str] = []
+
+        def hook(msg: dict) -> None:
+            content = msg["content"]
+            if msg["msg_type"] == "stream":
+                out.append(content["text"])
+            elif msg["msg_type"] in ("execute_result", "display_data"):
+                out.append(content["data"].get("text/plain", ""))
+            elif msg["msg_type"] == "error":
+                out.append(f"{content['ename']}: {content['evalue']}")
+
+        reply = await kc.execute_interactive(code, timeout=timeout, output_hook=hook)
+        return "".join(out), reply["content"]
+    finally:
+        kc.stop_channels()
+
+
+async def until(predicate: Callable[[], Any], timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"not within {timeout} s: {predicate}")
+
+
+def driver_jobs(address: str, ui_port: int, status: str) -> list[int]:
+    """Job ids of the driver's only application with `status` (its REST API)."""
+    base = f"http://{address}:{ui_port}/api/v1/applications"
+    try:
+        with urllib.request.urlopen(base, timeout=5) as reply:
+            (app,) = json.loads(reply.read())
+        with urllib.request.urlopen(f"{base}/{app['id']}/jobs?status={status}", timeout=5) as reply:
+            return [job["jobId"] for job in json.loads(reply.read())]
+    except OSError:
+        return []
+
+
+@needs_spark35
+@pytest.mark.asyncio
+@pytest.mark.parametrize("mode", MODES)
+async def test_scala_kernel_job_interrupt_and_shutdown(
+    lab: HostLab, managers: Callable[..., AsyncKernelManager], scala_specs: Path, cluster35: SparkCluster, mode: str
+) -> None:
+    host = lab.hosts[0]
+    ui_port = 4140 + MODES.index(mode)
+    km = managers(f"ssh_scala_{mode}")
+    await km.start_kernel(
+        env=env(KERNEL_REMOTE_HOST=host.name, KERNEL_EXTRA_SPARK_OPTS=f"--conf spark.ui.port={ui_port}")
+    )
+    kid = km.kernel_id
+    assert kid is not None
+    [(pid, cmd)] = [(p, c) for p, c in kernel_processes(host, kid) if "org.apache.toree.Main" in c]
+    assert ns_pid(pid) == km.provisioner.pid  # the gateway signals the JVM itself (run.sh, spark-submit exec'd it)
+    if mode == "eager":  # Toree creates the context at start (after binding its sockets), before any cell runs
+        assert (await until(lambda: cluster35.app(kid), timeout=60))["state"] == "RUNNING"
+
+    out, reply = await run(km, "sc.parallelize(1 to 100).sum")
+    assert reply["status"] == "ok", out
+    assert "5050.0" in out
+    app = await until(lambda: cluster35.app(kid))
+    assert app["state"] == "RUNNING"
+
+    if mode == "eager":
+        await interrupt_long_job(km, host, ui_port)
+
+    await km.shutdown_kernel()
+    assert await until(lambda: not kernel_processes(host, kid), timeout=20)  # no JVM, no listener
+    assert await until(lambda: cluster35.app(kid)["state"] != "RUNNING", timeout=20)
+    assert await until(lambda: not cluster35.executors(app["id"]), timeout=30)
+    assert not [cmd for _, cmd in toree_jvms() if kid in cmd]
+
+
+async def interrupt_long_job(km: AsyncKernelManager, host: Any, ui_port: int) -> None:
+    """Interrupt cancels the running job and the kernel stays usable.
+
+    Only eager kernels: after an interrupt, a lazy Toree kernel sometimes stops answering new clients' kernel_info
+    (3 runs in 6; cause not found yet, see docs/scala-kernels.md), so lazy-mode interrupt is not supported yet.
+    """
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=60)
+        # ~1000 s of 10 ms records: a cancelled task stops at its next record (Spark checks between records)
+        msg_id = kc.execute("sc.parallelize(1 to 100000, 1).map { x => Thread.sleep(10); x }.sum")
+        (job,) = await until(lambda: driver_jobs(host.address, ui_port, "running"))
+        await km.interrupt_kernel()
+        reply = await kc.get_shell_msg(timeout=60)
+        assert reply["parent_header"]["msg_id"] == msg_id
+        assert reply["content"]["status"] in ("error", "abort"), reply["content"]
+        assert job in await until(lambda: driver_jobs(host.address, ui_port, "failed"))  # cancelled
+        assert job not in driver_jobs(host.address, ui_port, "running")
+    finally:
+        kc.stop_channels()
+    out, reply = await run(km, 'println("after " + sc.parallelize(1 to 7).count)')
+    assert reply["status"] == "ok" and "after 7" in out, out
+
+
+@needs_spark35
+@pytest.mark.asyncio
+async def test_spark4_home_on_the_host_fails_the_start_with_the_reason(
+    lab: HostLab, managers: Callable[..., AsyncKernelManager], scala_specs: Path
+) -> None:
+    """A spec whose SPARK_HOME was swapped for a Spark 4 one after installing: the launcher refuses at once."""
+    spec_file = scala_specs / "ssh_scala_lazy" / "kernel.json"
+    spec = json.loads(spec_file.read_text())
+    spec["env"]["SPARK_HOME"] = SPARK4_HOME
+    swapped = scala_specs / "ssh_scala_spark4"
+    swapped.mkdir(exist_ok=True)
+    for item in (scala_specs / "ssh_scala_lazy").iterdir():
+        if item.name != "kernel.json" and not (swapped / item.name).exists():
+            (swapped / item.name).symlink_to(item)
+    (swapped / "kernel.json").write_text(json.dumps(spec).replace(str(scala_specs / "ssh_scala_lazy"), str(swapped)))
+    host = lab.hosts[0]
+    km = managers("ssh_scala_spark4")
+    started = time.monotonic()
+    with pytest.raises(Exception) as failed:
+        await km.start_kernel(env=env(KERNEL_REMOTE_HOST=host.name))
+    assert time.monotonic() - started < 30
+    message = str(failed.value)
+    assert "uses Scala 2.13" in message and "Apache Toree 0.5 needs Scala 2.12" in message, message
+    assert not toree_jvms()
+
+
+@needs_toree
+def test_install_refuses_spark4_with_the_reason(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "spark_gateway.sshspec", "install", f"--prefix={tmp_path}", "--language=Scala",
+           "--spark", f"--spark-home={SPARK4_HOME}", f"--toree-jar={TOREE_JAR}"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env={**os.environ, "HOME": str(tmp_path)})
+    assert proc.returncode != 0
+    [line] = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert "is built for Scala 2.12 (Spark 3.x)" in line and "uses Scala 2.13" in line, line
+    assert "NoSuchMethodError" in line and "--spark-home of a Spark 3.x installation" in line, line
+    assert not (tmp_path / "share/jupyter/kernels/ssh_scala_spark").exists()
