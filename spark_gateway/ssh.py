@@ -273,7 +273,8 @@ class SshPool:
                 channel = transport.open_session(timeout=max(10.0, self.settings.connect_timeout))
                 channel.exec_command(command)
             except (paramiko.SSHException, EOFError, OSError) as exc:
-                self.drop(entry)
+                if not (transport and transport.is_active()):
+                    self.drop(entry)  # a dead connection; a live one may carry other work: keep it
                 if attempt == 2:
                     why = exc or type(exc).__name__
                     raise ChannelOpenError(f"cannot open an SSH channel to {entry}: {why}") from exc
