@@ -15,6 +15,10 @@ class ControlError(Exception):
     """A control request failed; the message names host:port and the reason."""
 
 
+class ControlRefused(ControlError):
+    """The listener understood the request and declined it on purpose (``"refused": true``); the reason says why."""
+
+
 def canonical_request(op: str, args: dict[str, Any]) -> str:
     """The signed form of a control request."""
     return json.dumps({"op": op, "args": args}, sort_keys=True, separators=(",", ":"))
@@ -72,6 +76,8 @@ async def control_request(
         raise ControlError(f"{where}, op {op!r}: no answer within {timeout} s") from None
     except (OSError, ValueError) as exc:
         raise ControlError(f"{where}, op {op!r}: {exc!r}") from exc
+    if reply.get("ok") is not True and reply.get("refused") is True:
+        raise ControlRefused(str(reply.get("error", "refused")))
     if reply.get("ok") is not True:
         raise ControlError(f"{where}, op {op!r} failed: {reply.get('error', reply)}")
     return reply

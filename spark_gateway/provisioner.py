@@ -23,7 +23,7 @@ from tornado import web
 from traitlets import Bool, Float, Integer, List, Set, TraitError, Unicode, default, validate
 
 from . import callback, tunnel
-from .control import ControlError, control_request
+from .control import ControlError, ControlRefused, control_request
 from .placement import (
     ALGORITHMS,
     KERNEL_INVENTORY,
@@ -810,6 +810,12 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             return
         try:
             await self._control("signal", {"signum": signum, "group": group})
+        except ControlRefused as exc:  # e.g. an interrupt the kernel would mishandle: not sent, and the client is told
+            if getattr(self.parent, "shutting_down", False):  # shutdown and restart interrupt first: moot then
+                self.log.debug("kernel %s: signal %d not sent while shutting down: %s", self.kernel_id, signum, exc)
+                return
+            self.log.warning("kernel %s: signal %d not sent: %s", self.kernel_id, signum, exc)
+            raise ProvisionerError(409, f"kernel {self.kernel_id} was not sent signal {signum}: {exc}") from None
         except ControlError as exc:
             self.log.debug("control listener of %s unreachable (%s); signalling over SSH", self.kernel_id, exc)
             await self._signal_host(self.host, signum, group)

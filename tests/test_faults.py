@@ -182,7 +182,7 @@ GATEWAY = textwrap.dedent(
         kms = [AsyncKernelManager(kernel_name="ssh_python", config=cfg,
                                   kernel_spec_manager=KernelSpecManager(kernel_dirs=[kernels_dir]))
                for _ in range(int(count))]
-        sys.stdin.readline()  # both gateways start together
+        sys.stdin.readline()  # the test says when to start
         await asyncio.gather(*(km.start_kernel(env={"KERNEL_USERNAME": "alice"}) for km in kms))
         infos = [await km.provisioner.get_provisioner_info() for km in kms]
         print(json.dumps(infos), flush=True)
@@ -210,10 +210,12 @@ async def test_two_gateways_balance_together_and_a_new_gateway_reattaches(lab, m
         )
         for _ in range(2)
     ]
-    for proc in procs:
+    infos = []
+    for proc in procs:  # one after the other: the second learns the first's kernels from the hosts alone
+        # (two gateways placing at the same instant cannot see each other's launches in flight: README, Placement)
         proc.stdin.write(b"go\n")
-    await asyncio.gather(*(p.stdin.drain() for p in procs))
-    infos = [info for p in procs for info in json.loads(await asyncio.wait_for(p.stdout.readline(), 120))]
+        await proc.stdin.drain()
+        infos += json.loads(await asyncio.wait_for(proc.stdout.readline(), 120))
     for proc in procs:
         proc.kill()
         await proc.wait()

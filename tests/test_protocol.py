@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ import pytest
 import pytest_asyncio
 
 from spark_gateway.callback import MAX_PAYLOAD, PayloadError, ResponseServer, decrypt_payload, generate_key_pair
-from spark_gateway.control import ControlError, control_request, request_mac
+from spark_gateway.control import ControlError, ControlRefused, control_request, request_mac
 from tests.conftest import wait_for
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "kernel-launchers" / "shared" / "scripts"
@@ -216,18 +217,21 @@ class Standalone:
         return text in self.log.read_text()
 
 
-@pytest_asyncio.fixture
-async def standalone(server: tuple[ResponseServer, int], tmp_path: Path) -> AsyncIterator[Standalone]:
+@contextlib.asynccontextmanager
+async def start_standalone(
+    server: tuple[ResponseServer, int], tmp_path: Path, target_argv: list[str], *extra: str
+) -> AsyncIterator[Standalone]:
+    """server_listener.py --pid <target_argv's process> (plus `extra` options), after its callback."""
     srv, port = server
     token = secrets.token_hex(32)
     future = srv.register("ks", token)
-    target = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    target = subprocess.Popen(target_argv, start_new_session=True)
     log = tmp_path / "listener.log"
     argv = [sys.executable, str(SCRIPTS / "server_listener.py"), "--kernel-id", "ks"]
     argv += ["--response-address", f"{LOCAL}:{port}", "--public-key", srv.public_key_b64, "--ip", LOCAL]
     argv += ["--port-range", "0..0", "--connection-file", str(tmp_path / "kernel-ks.json"), "--pid", str(target.pid)]
     with log.open("wb") as out:
-        listener = subprocess.Popen(argv, env={**os.environ, "GP_LAUNCH_TOKEN": token}, stderr=out)
+        listener = subprocess.Popen([*argv, *extra], env={**os.environ, "GP_LAUNCH_TOKEN": token}, stderr=out)
     proc = Standalone(target, listener, log)
     try:
         proc.info = await asyncio.wait_for(future, 15)
@@ -236,6 +240,12 @@ async def standalone(server: tuple[ResponseServer, int], tmp_path: Path) -> Asyn
         for p in (target, listener):
             p.kill()
             p.wait()
+
+
+@pytest_asyncio.fixture
+async def standalone(server: tuple[ResponseServer, int], tmp_path: Path) -> AsyncIterator[Standalone]:
+    async with start_standalone(server, tmp_path, ["sleep", "60"]) as proc:
+        yield proc
 
 
 @pytest.mark.asyncio
@@ -255,6 +265,42 @@ async def test_signal_op_delivers_signal_and_listener_follows_exit(standalone: S
     assert await asyncio.to_thread(standalone.target.wait, 5) == -signal.SIGTERM
     assert await asyncio.to_thread(standalone.listener.wait, 5) == 0
     assert not Path(standalone.info["connection_file"]).exists()
+
+
+# A process that names a thread "dag-scheduler-event-loop" (as a SparkContext does) on SIGUSR1 and records SIGUSR2.
+NAMED_THREAD_ON_USR1 = """
+import ctypes, signal, sys, threading, time
+def named():
+    ctypes.CDLL(None).prctl(15, b"dag-scheduler-event-loop", 0, 0, 0)  # PR_SET_NAME: the kernel keeps 15 bytes
+    time.sleep(120)
+signal.signal(signal.SIGUSR1, lambda *_: threading.Thread(target=named, daemon=True).start())
+signal.signal(signal.SIGUSR2, lambda *_: open(sys.argv[1], "a").write("USR2\\n"))
+time.sleep(120)
+"""
+
+
+@pytest.mark.asyncio
+async def test_guarded_interrupt_is_refused_with_the_reason_until_the_thread_runs(
+    server: tuple[ResponseServer, int], tmp_path: Path
+) -> None:
+    received = tmp_path / "signals"
+    target = [sys.executable, "-c", NAMED_THREAD_ON_USR1, str(received)]
+    guard = ["--interrupt-signal", "USR2", "--interrupt-needs-thread", "dag-scheduler-event-loop"]
+    guard += ["--interrupt-refusal", "no SparkContext yet"]
+    async with start_standalone(server, tmp_path, target, *guard) as proc:
+        interrupt = {"signum": int(signal.SIGINT), "group": False}
+        with pytest.raises(ControlRefused, match="^no SparkContext yet$"):
+            await proc.request("signal", interrupt)
+        assert wait_for(lambda: proc.logged("interrupt of pid") and proc.logged("refused: no SparkContext yet"), 5)
+        assert not received.exists() and proc.target.poll() is None  # nothing was sent
+
+        os.kill(proc.target.pid, signal.SIGUSR1)
+        assert wait_for(lambda: "dag-scheduler-e" in sl.thread_names(proc.target.pid), 5)
+        assert await proc.request("signal", interrupt) == {"ok": True}
+        assert wait_for(lambda: received.exists() and received.read_text() == "USR2\n", 5)  # relayed as USR2
+        # only interrupts are guarded
+        assert await proc.request("signal", {"signum": int(signal.SIGTERM), "group": False}) == {"ok": True}
+        assert await asyncio.to_thread(proc.target.wait, 5) == -signal.SIGTERM
 
 
 async def raw_exchange(port: int, make_line: Callable[[str], bytes]) -> tuple[str, bytes]:

@@ -18,11 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from jupyter_client import AsyncKernelManager
+import requests
+from jupyter_client import AsyncKernelClient, AsyncKernelManager
+from jupyter_client.session import Session
 
+from spark_gateway.provisioner import ProvisionerError
 from spark_gateway.specs import SpecOptions, install
-from tests.conftest import env, kernel_processes
+from tests.conftest import env, kernel_processes, wait_for
 from tests.hostlab import HostLab
+from tests.jupyter_rest import AUTH, jupyter_server
 from tests.spark_cluster import SPARK_HOME as SPARK4_HOME
 from tests.spark_cluster import SparkCluster, spark_jvms
 
@@ -77,25 +81,40 @@ def scala_specs(kernels_dir: Path, cluster35: SparkCluster) -> Path:
     return kernels_dir
 
 
-async def run(km: AsyncKernelManager, code: str, timeout: float = 120) -> tuple[str, dict[str, Any]]:
-    """Execute `code`; returns (stream + text/plain results + error text, execute_reply content)."""
-    kc = km.client()
+def client(km: AsyncKernelManager) -> AsyncKernelClient:
+    """A client with its own session, as each jupyter_server connection has.
+
+    Its ZeroMQ identity is its session id: Toree's ROUTER sockets do not hand an identity over to a new connection, so
+    a second client sharing `km.client()`'s session with a connected one gets no replies (ipykernel does hand over).
+    """
+    kc = km.client(session=Session(key=km.session.key, signature_scheme=km.session.signature_scheme))
     kc.start_channels()
+    return kc
+
+
+async def execute(kc: AsyncKernelClient, code: str, timeout: float = 120) -> tuple[str, dict[str, Any]]:
+    """Execute `code`; returns (stream + text/plain results + error text, execute_reply content)."""
+    await kc.wait_for_ready(timeout=90)
+    out: list[str] = []
+
+    def hook(msg: dict) -> None:
+        content = msg["content"]
+        if msg["msg_type"] == "stream":
+            out.append(content["text"])
+        elif msg["msg_type"] in ("execute_result", "display_data"):
+            out.append(content["data"].get("text/plain", ""))
+        elif msg["msg_type"] == "error":
+            out.append(f"{content['ename']}: {content['evalue']}")
+
+    reply = await kc.execute_interactive(code, timeout=timeout, output_hook=hook)
+    return "".join(out), reply["content"]
+
+
+async def run(km: AsyncKernelManager, code: str, timeout: float = 120) -> tuple[str, dict[str, Any]]:
+    """Execute `code` from a new client."""
+    kc = client(km)
     try:
-        await kc.wait_for_ready(timeout=90)
-        out: list[str] = []
-
-        def hook(msg: dict) -> None:
-            content = msg["content"]
-            if msg["msg_type"] == "stream":
-                out.append(content["text"])
-            elif msg["msg_type"] in ("execute_result", "display_data"):
-                out.append(content["data"].get("text/plain", ""))
-            elif msg["msg_type"] == "error":
-                out.append(f"{content['ename']}: {content['evalue']}")
-
-        reply = await kc.execute_interactive(code, timeout=timeout, output_hook=hook)
-        return "".join(out), reply["content"]
+        return await execute(kc, code, timeout)
     finally:
         kc.stop_channels()
 
@@ -109,10 +128,14 @@ async def until(predicate: Callable[[], Any], timeout: float = 60) -> Any:
     raise AssertionError(f"not within {timeout} s: {predicate}")
 
 
+# ~200 s of tasks on the cluster's 2 cores: only an interrupt ends it within the test's bounds.
+LONG_JOB = "sc.parallelize(1 to 8000, 2).map { x => Thread.sleep(50); x }.sum"
+
+
 @needs_spark35
 @pytest.mark.asyncio
 @pytest.mark.parametrize("mode", MODES)
-async def test_scala_kernel_job_and_shutdown(
+async def test_scala_kernel_job_interrupt_and_shutdown(
     lab: HostLab, managers: Callable[..., AsyncKernelManager], scala_specs: Path, cluster35: SparkCluster, mode: str
 ) -> None:
     host = lab.hosts[0]
@@ -127,6 +150,19 @@ async def test_scala_kernel_job_and_shutdown(
     assert ns_pid(pid) == km.provisioner.pid  # the gateway signals the JVM itself (run.sh, spark-submit exec'd it)
     if mode == "eager":  # Toree creates the context at start (after binding its sockets), before any cell runs
         assert (await until(lambda: cluster35.app(kid), timeout=60))["state"] == "RUNNING"
+    else:  # before the context exists, Toree 0.5 cannot be interrupted safely: refused with the reason, cell runs on
+        kc = client(km)
+        await kc.wait_for_ready(timeout=90)
+        cell = asyncio.ensure_future(execute(kc, 'Thread.sleep(6000); "slept"'))
+        await asyncio.sleep(2)
+        assert not cell.done()
+        with pytest.raises(ProvisionerError, match="before its SparkContext exists.*not interrupted") as refused:
+            await km.interrupt_kernel()
+        assert refused.value.status_code == 409
+        out, reply = await cell
+        kc.stop_channels()
+        assert reply["status"] == "ok" and "slept" in out, out
+        assert cluster35.app(kid) is None  # still lazy: the refused interrupt created no context
 
     out, reply = await run(km, "sc.parallelize(1 to 100).sum")
     assert reply["status"] == "ok", out
@@ -134,7 +170,20 @@ async def test_scala_kernel_job_and_shutdown(
     app = await until(lambda: cluster35.app(kid))
     assert app["state"] == "RUNNING"
 
-    # Interrupts are not tested: after one, a Toree kernel sometimes stops answering new clients (docs/scala-kernels.md)
+    kc = client(km)
+    await kc.wait_for_ready(timeout=90)
+    job = asyncio.ensure_future(execute(kc, LONG_JOB, timeout=300))
+    await asyncio.sleep(4)  # the job's tasks run
+    assert not job.done()
+    await km.interrupt_kernel()
+    out, reply = await asyncio.wait_for(job, 60)
+    assert reply["status"] == "error" and "cancelled" in out, out
+    # the kernel stays usable: for this client and for a new one
+    assert (await execute(kc, "1 + 1", timeout=60))[0].strip() == "2"
+    kc.stop_channels()
+    out, reply = await run(km, "sc.parallelize(1 to 10).count", timeout=60)
+    assert reply["status"] == "ok" and out.strip() == "10", out
+
     await km.shutdown_kernel()
     assert await until(lambda: not kernel_processes(host, kid), timeout=20)  # no JVM, no listener
     assert await until(lambda: cluster35.app(kid)["state"] != "RUNNING", timeout=20)
@@ -178,3 +227,28 @@ def test_install_refuses_spark4_with_the_reason(tmp_path: Path) -> None:
     assert "is built for Scala 2.12 (Spark 3.x)" in line and "uses Scala 2.13" in line, line
     assert "NoSuchMethodError" in line and "--spark-home of a Spark 3.x installation" in line, line
     assert not (tmp_path / "share/jupyter/kernels/ssh_scala_spark").exists()
+
+
+@needs_spark35
+def test_scala_refused_interrupt_reaches_rest_clients(
+    lab: HostLab, scala_specs: Path, cluster35: SparkCluster, tmp_path: Path
+) -> None:
+    """The interrupt button on a lazy kernel without a context: HTTP 409 with the reason; restart and shutdown work."""
+    with jupyter_server(lab, tmp_path, [scala_specs / "ssh_scala_lazy"]) as base:
+        r = requests.post(f"{base}/api/kernels", json={"name": "ssh_scala_lazy"}, headers=AUTH, timeout=120)
+        assert r.status_code == 201, r.text
+        kid = r.json()["id"]
+        host = next(h for h in lab.hosts if kernel_processes(h, kid))
+        for attempt in ("first kernel", "after a restart"):
+            r = requests.post(f"{base}/api/kernels/{kid}/interrupt", headers=AUTH, timeout=30)
+            assert r.status_code == 409, (attempt, r.text)
+            assert "cannot interrupt a Scala kernel before its SparkContext exists" in r.json()["message"]
+            state = requests.get(f"{base}/api/kernels/{kid}", headers=AUTH, timeout=10).json()["execution_state"]
+            assert state != "dead" and cluster35.app(kid) is None, (attempt, state)
+            if attempt == "first kernel":  # restart (and shutdown) interrupt first: a refusal must not stop them
+                jvm = kernel_processes(host, kid)
+                r = requests.post(f"{base}/api/kernels/{kid}/restart", headers=AUTH, timeout=120)
+                assert r.status_code == 200, r.text
+                assert kernel_processes(host, kid) and kernel_processes(host, kid) != jvm
+        assert requests.delete(f"{base}/api/kernels/{kid}", headers=AUTH, timeout=60).status_code == 204
+        assert wait_for(lambda: not kernel_processes(host, kid), 20)

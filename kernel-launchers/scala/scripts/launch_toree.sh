@@ -90,9 +90,16 @@ mkdir -p -m 0700 "${runtime}" 2>/dev/null || die "cannot create the runtime dire
 connection_file="${runtime}/sg-kernel-${kernel_id}.json"
 rm -f "${connection_file}" # a stale one of an earlier launch must not be mistaken for ours
 
+# Toree 0.5 interrupts with sparkContext.cancelAllJobs(): with no SparkContext yet (lazy or none mode) its signal
+# handler would create one on a thread without a class loader, which fails and leaves Spark unusable in this kernel
+# for good (NoClassDefFoundError: org.apache.spark.package$). So interrupts are relayed only while the context's
+# DAG scheduler thread runs; before that the gateway is told why, and the cell runs on.
+refusal="Apache Toree 0.5 cannot interrupt a Scala kernel before its SparkContext exists (its interrupt would create"
+refusal+=" one inside a signal handler and break Spark in this kernel for good); the cell was not interrupted: wait"
+refusal+=" for it, or restart the kernel"
 listener_args=(--kernel-id "${kernel_id}" --response-address "${response}" --public-key "${public_key}"
   --port-range "${port_range}" --connection-file "${connection_file}" --pid "$$" --ip "${ip}" --wait-for-ports
-  --interrupt-signal USR2)
+  --interrupt-signal USR2 --interrupt-needs-thread dag-scheduler-event-loop --interrupt-refusal "${refusal}")
 GP_LAUNCH_TOKEN="${token}" "${python}" "${listener}" "${listener_args[@]}" </dev/null >&2 &
 listener_pid=$!
 unset token

@@ -5,6 +5,7 @@ in the same directory, or run standalone for launchers in other languages:
 
     server_listener.py --kernel-id ID --response-address H:P --public-key B64 --port-range R \
         --connection-file PATH --pid PID [--ip IP] [--info-file PATH] [--wait-for-ports] [--interrupt-signal SIG]
+        [--interrupt-needs-thread NAME --interrupt-refusal TEXT]
                                                                          (reads GP_LAUNCH_TOKEN from the environment)
 
 Standalone, it terminates PID when it cannot do its job (no connection file, no callback): a kernel the gateway
@@ -17,6 +18,7 @@ import argparse
 import base64
 import contextlib
 import errno
+import glob
 import hashlib
 import hmac
 import json
@@ -360,11 +362,14 @@ class ControlListener:
         max_connections: int = 16,
         info: Callable[[float], dict[str, Any]] | None = None,
         interrupt_signal: int | None = None,
+        interrupt_guard: Callable[[], str | None] | None = None,
     ) -> None:
         self.pid, self.pgid, self.timeout, self.info = pid, pgid, timeout, info
         # SIGINT to the pid is sent as this signal instead: for kernels that cannot handle SIGINT (a JVM started in
         # the background inherits SIGINT ignored, and cannot handle it then; Toree takes --alternate-sigint USR2)
         self.interrupt_signal = interrupt_signal
+        # Returns why an interrupt must not be sent now (None: send it); the reply is then refused with that reason
+        self.interrupt_guard = interrupt_guard
         self.secret = secret or secrets.token_bytes(32)
         self._slots = threading.BoundedSemaphore(max_connections)
         self._sock = _socket_for(ip)
@@ -450,8 +455,11 @@ class ControlListener:
         signum, group = args.get("signum"), args.get("group", False)
         if not isinstance(signum, int) or signum not in signal.valid_signals() or not isinstance(group, bool):
             return {"ok": False, "error": f"bad signal args {args!r}"}, None
-        if signum == signal.SIGINT and not group and self.interrupt_signal:
-            signum = self.interrupt_signal
+        if signum == signal.SIGINT and not group:
+            if self.interrupt_guard and (reason := self.interrupt_guard()):
+                log.warning("control: interrupt of pid %d refused: %s", self.pid, reason)
+                return {"ok": False, "refused": True, "error": reason}, None
+            signum = self.interrupt_signal or signum
         try:
             if group:
                 os.killpg(self.pgid, signum)
@@ -500,6 +508,25 @@ def pid_alive(pid: int) -> bool:
 
 
 # --- standalone ----------------------------------------------------------------------------------
+
+
+def thread_names(pid: int) -> set[str]:
+    """The names of PID's threads as the kernel keeps them (at most 15 bytes: longer names are cut)."""
+    names = set()
+    for comm in glob.glob(f"/proc/{pid}/task/*/comm"):
+        with contextlib.suppress(OSError), open(comm, encoding="utf-8", errors="replace") as f:
+            names.add(f.read().rstrip("\n"))
+    return names
+
+
+def thread_guard(pid: int, thread: str, reason: str) -> Callable[[], str | None]:
+    """An interrupt guard: refuse with `reason` while PID has no thread named `thread`."""
+    comm = thread.encode()[:15].decode(errors="ignore")
+
+    def guard() -> str | None:
+        return None if comm in thread_names(pid) else reason
+
+    return guard
 
 
 def listening_ports() -> set[int]:
@@ -587,6 +614,12 @@ def main(argv: list[str] | None = None) -> int:
         help="send SIGINT requests for PID as this signal (e.g. USR2)",
     )
     parser.add_argument(
+        "--interrupt-needs-thread",
+        metavar="NAME",
+        help="refuse SIGINT requests while PID has no thread named NAME (with --interrupt-refusal as the reason)",
+    )
+    parser.add_argument("--interrupt-refusal", default="the kernel cannot be interrupted yet", metavar="TEXT")
+    parser.add_argument(
         "--wait-for-ports",
         action="store_true",
         help="call back only once PID's kernel listens on the connection file's ports (no time limit: the "
@@ -605,9 +638,12 @@ def main(argv: list[str] | None = None) -> int:
         info = build_connection_info(ports[:-1], args.ip)
         write_connection_file(args.connection_file, info)
         report = FileReport(args.info_file) if args.info_file else None
+        needs = args.interrupt_needs_thread
+        guard = thread_guard(args.pid, needs, args.interrupt_refusal) if needs else None
         listener = ControlListener(
-            args.pid, pgid, port=ports[-1], ip=args.ip, info=report, interrupt_signal=args.interrupt_signal
-        )
+            args.pid, pgid, port=ports[-1], ip=args.ip, info=report, interrupt_signal=args.interrupt_signal,
+            interrupt_guard=guard,
+        )  # fmt: skip
         listener.start()
         if args.wait_for_ports:
             wait_for_kernel_ports(args.pid, ports[:-1])
