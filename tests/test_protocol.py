@@ -366,3 +366,52 @@ def test_listener_thread_survives_garbage_in_process() -> None:
         assert reply == {"ok": True, "alive": True}
     finally:
         listener.stop()
+
+
+def test_a_process_listening_sockets_are_found_with_their_addresses() -> None:
+    """What the JVM Spark report reads to find a driver's Spark UI: this process's own listening sockets."""
+    with socket.socket() as v4, socket.socket(socket.AF_INET6) as v6, socket.socket() as wildcard:
+        v4.bind((LOCAL, 0))
+        v6.bind(("::1", 0))
+        wildcard.bind(("0.0.0.0", 0))
+        for s in (v4, v6, wildcard):
+            s.listen()
+        ours = {(LOCAL, v4.getsockname()[1]), ("::1", v6.getsockname()[1]), (LOCAL, wildcard.getsockname()[1])}
+        assert ours <= set(sl.process_listening(os.getpid()))
+        assert not ours & set(sl.process_listening(os.getppid()))  # another process's sockets are not ours
+    assert not ours & set(sl.process_listening(os.getpid()))  # closed: gone
+
+
+def test_proc_addresses_are_decoded() -> None:
+    little = sys.byteorder == "little"
+    assert sl._proc_address("0100007F" if little else "7F000001") == "127.0.0.1"
+    assert sl._proc_address("0B00FA0A" if little else "0AFA000B") == "10.250.0.11"
+    assert sl._proc_address("00000000") == "127.0.0.1"  # wildcard: reached over loopback
+    assert sl._proc_address("0" * 32) == "127.0.0.1"
+    mapped = "0000000000000000FFFF00000B00FA0A" if little else "00000000000000000000FFFF0AFA000B"
+    assert sl._proc_address(mapped) == "10.250.0.11"
+
+
+def catches(pid: int, signum: int) -> bool:
+    """Whether `pid` has a handler for `signum` (/proc/PID/status SigCgt)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return bool(int(status.split("SigCgt:")[1].split()[0], 16) >> (signum - 1) & 1)
+
+
+def test_jvm_spark_report_without_a_spark_ui_turns_ready_after_its_grace(tmp_path: Path) -> None:
+    """A context found by its thread, but no port answering as a Spark UI (spark.ui.enabled=false): `ready`, with
+    the details unknown, once the grace has passed. (With a UI: tests/test_scala_kernel.py, against real Spark.)"""
+    proc = subprocess.Popen([sys.executable, "-c", NAMED_THREAD_ON_USR1, str(tmp_path / "signals")])
+    try:
+        report = sl.JvmSparkReport(proc.pid, kernel_ports=[])
+        report.UI_GRACE = 0.5
+        assert report.read() == {"spark": {"state": "starting", "error": None}}
+        assert wait_for(lambda: catches(proc.pid, signal.SIGUSR1), 10)  # its handler is installed
+        proc.send_signal(signal.SIGUSR1)
+        assert wait_for(lambda: "dag-scheduler-e" in sl.thread_names(proc.pid), 10)
+        assert report(wait=0)["spark"]["state"] == "starting"  # its UI may still be coming
+        assert report(wait=3)["spark"] == {"state": "ready", "error": None, "app_id": None, "app_name": None,
+                                           "master": None, "ui_url": None, "spark_version": None}  # fmt: skip
+    finally:
+        proc.kill()
+        proc.wait()

@@ -163,12 +163,18 @@ async def test_scala_kernel_job_interrupt_and_shutdown(
         kc.stop_channels()
         assert reply["status"] == "ok" and "slept" in out, out
         assert cluster35.app(kid) is None  # still lazy: the refused interrupt created no context
+        assert km.provisioner.spark["state"] == "starting"
 
     out, reply = await run(km, "sc.parallelize(1 to 100).sum")
     assert reply["status"] == "ok", out
     assert "5050.0" in out
     app = await until(lambda: cluster35.app(kid))
     assert app["state"] == "RUNNING"
+    # Toree reports nothing itself: the listener finds the context (its thread, its Spark UI) for the gateway
+    spark = await until(lambda: km.provisioner.spark.get("state") == "ready" and km.provisioner.spark)
+    assert spark["app_id"] == app["id"] and spark["app_name"] == kid and spark["master"] == cluster35.url, spark
+    assert spark["spark_version"].startswith("3.5.") and spark["ui_url"].endswith(f":{ui_port}"), spark
+    assert (await km.provisioner.get_provisioner_info())["spark"] == spark
 
     kc = client(km)
     await kc.wait_for_ready(timeout=90)

@@ -100,6 +100,8 @@ refusal+=" for it, or restart the kernel"
 listener_args=(--kernel-id "${kernel_id}" --response-address "${response}" --public-key "${public_key}"
   --port-range "${port_range}" --connection-file "${connection_file}" --pid "$$" --ip "${ip}" --wait-for-ports
   --interrupt-signal USR2 --interrupt-needs-thread dag-scheduler-event-loop --interrupt-refusal "${refusal}")
+# Toree reports nothing about its SparkContext: the listener finds it (thread, then Spark UI) for the gateway's `info`
+[ "${mode}" = none ] || listener_args+=(--spark-report)
 GP_LAUNCH_TOKEN="${token}" "${python}" "${listener}" "${listener_args[@]}" </dev/null >&2 &
 listener_pid=$!
 unset token

@@ -5,7 +5,7 @@ in the same directory, or run standalone for launchers in other languages:
 
     server_listener.py --kernel-id ID --response-address H:P --public-key B64 --port-range R \
         --connection-file PATH --pid PID [--ip IP] [--info-file PATH] [--wait-for-ports] [--interrupt-signal SIG]
-        [--interrupt-needs-thread NAME --interrupt-refusal TEXT]
+        [--interrupt-needs-thread NAME --interrupt-refusal TEXT] [--spark-report]
                                                                          (reads GP_LAUNCH_TOKEN from the environment)
 
 Standalone, it terminates PID when it cannot do its job (no connection file, no callback): a kernel the gateway
@@ -32,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from typing import Any
 
@@ -529,16 +530,42 @@ def thread_guard(pid: int, thread: str, reason: str) -> Callable[[], str | None]
     return guard
 
 
-def listening_ports() -> set[int]:
-    """Local TCP ports in state LISTEN on this host (any address), from /proc/net/tcp and tcp6."""
-    ports = set()
+def listening_sockets() -> list[tuple[str, int, str]]:
+    """(address, port, socket inode) of TCP sockets in state LISTEN on this host, from /proc/net/tcp and tcp6."""
+    found = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with contextlib.suppress(OSError), open(table) as f:
             for line in f.readlines()[1:]:
                 fields = line.split()
-                if len(fields) > 3 and fields[3] == "0A":  # TCP_LISTEN
-                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    return ports
+                if len(fields) > 9 and fields[3] == "0A":  # TCP_LISTEN
+                    address, port = fields[1].rsplit(":", 1)
+                    found.append((_proc_address(address), int(port, 16), fields[9]))
+    return found
+
+
+def _proc_address(hex_address: str) -> str:
+    """An address as /proc/net/tcp* prints it (32-bit words in host order) -> text; wildcards -> loopback."""
+    raw = b"".join(int(hex_address[i : i + 8], 16).to_bytes(4, sys.byteorder) for i in range(0, len(hex_address), 8))
+    if len(raw) == 16 and raw[:12] == bytes(10) + b"\xff\xff":  # an IPv4-mapped IPv6 address
+        raw = raw[12:]
+    if not any(raw):
+        return "127.0.0.1"
+    return socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
+
+
+def listening_ports() -> set[int]:
+    """Local TCP ports in state LISTEN on this host (any address)."""
+    return {port for _, port, _ in listening_sockets()}
+
+
+def process_listening(pid: int) -> list[tuple[str, int]]:
+    """(address, port) of the TCP sockets PID listens on (its own: matched by socket inode)."""
+    inodes = set()
+    for fd in glob.glob(f"/proc/{pid}/fd/*"):
+        with contextlib.suppress(OSError):
+            if (target := os.readlink(fd)).startswith("socket:["):
+                inodes.add(target[8:-1])
+    return [(address, port) for address, port, inode in listening_sockets() if inode in inodes]
 
 
 def wait_for_kernel_ports(pid: int, ports: list[int], interval: float = 0.1) -> None:
@@ -551,20 +578,13 @@ def wait_for_kernel_ports(pid: int, ports: list[int], interval: float = 0.1) -> 
         time.sleep(interval)
 
 
-class FileReport:
-    """The `info` report of a launcher in another language: the JSON object it keeps in a file (replaced
-    atomically, by rename). ``{}`` while the file is missing or unreadable."""
+class PolledReport:
+    """An `info` report read by polling: ``read()`` gives it, a call waits up to ``wait`` seconds for a change."""
 
-    def __init__(self, path: str, interval: float = 0.1) -> None:
-        self.path, self.interval = path, interval
+    interval = 0.1
 
     def read(self) -> dict[str, Any]:
-        try:
-            with open(self.path) as f:
-                report = json.load(f)
-        except (OSError, ValueError):
-            return {}
-        return report if isinstance(report, dict) else {}
+        raise NotImplementedError
 
     def __call__(self, wait: float) -> dict[str, Any]:
         """The report, once it differs from what it was when asked, or after ``wait`` seconds."""
@@ -574,6 +594,73 @@ class FileReport:
             if (report := self.read()) != first:
                 return report
         return first
+
+
+class FileReport(PolledReport):
+    """The report of a launcher in another language: the JSON object it keeps in a file (replaced atomically, by
+    rename). ``{}`` while the file is missing or unreadable."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def read(self) -> dict[str, Any]:
+        try:
+            with open(self.path) as f:
+                report = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        return report if isinstance(report, dict) else {}
+
+
+DAG_SCHEDULER_THREAD = "dag-scheduler-event-loop"  # a JVM runs it exactly while it has a SparkContext
+
+
+class JvmSparkReport(PolledReport):
+    """``{"spark": ...}`` of a JVM kernel (Toree) that reports nothing itself: `starting` until PID runs a
+    SparkContext's DAG scheduler thread, then `ready` with what the driver's Spark UI (REST API) says about it."""
+
+    interval = 0.25
+    UI_GRACE = 15.0  # seconds after the context appears within which its UI must answer (else: spark.ui.enabled off)
+
+    def __init__(self, pid: int, kernel_ports: list[int]) -> None:
+        self.pid, self.kernel_ports = pid, set(kernel_ports)
+        self._ready: dict[str, Any] | None = None
+        self._context_seen = 0.0
+
+    def read(self) -> dict[str, Any]:
+        if self._ready is None and DAG_SCHEDULER_THREAD[:15] in thread_names(self.pid):
+            self._context_seen = self._context_seen or time.monotonic()
+            details = self._from_ui()
+            if details or time.monotonic() - self._context_seen > self.UI_GRACE:
+                self._ready = {"state": "ready", "error": None, "app_id": None, "app_name": None, "master": None,
+                               "ui_url": None, "spark_version": None, **details}  # fmt: skip
+                log.info("SparkContext of pid %d: %s", self.pid, json.dumps(self._ready, sort_keys=True))
+        return {"spark": self._ready or {"state": "starting", "error": None}}
+
+    def _from_ui(self) -> dict[str, Any]:
+        """The application's details from the first of PID's listening ports that answers as a Spark UI."""
+        for address, port in sorted(process_listening(self.pid), key=lambda a: (not 4040 <= a[1] < 4140, a[1])):
+            if port in self.kernel_ports:
+                continue
+            base = f"http://{address if ':' not in address else f'[{address}]'}:{port}/api/v1"
+            try:
+                apps = _get_json(f"{base}/applications")
+                if not (isinstance(apps, list) and apps and isinstance(apps[0], dict) and "id" in apps[0]):
+                    continue
+                props = dict(_get_json(f"{base}/applications/{apps[0]['id']}/environment").get("sparkProperties", []))
+                version = _get_json(f"{base}/version").get("spark")
+            except (OSError, ValueError, AttributeError, TypeError):
+                continue
+            host = props.get("spark.driver.host") or address
+            return {"app_id": apps[0]["id"], "app_name": apps[0].get("name"), "master": props.get("spark.master"),
+                    "ui_url": f"http://{host}:{port}", "spark_version": version}  # fmt: skip
+        return {}
+
+
+def _get_json(url: str) -> Any:
+    """GET a local URL (a Spark UI's REST API) and parse its JSON; quick to give up on ports that are no UI."""
+    with urllib.request.urlopen(url, timeout=1.0) as reply:  # noqa: S310 (http to PID's own listening port)
+        return json.loads(reply.read(MAX_MESSAGE * 16))
 
 
 def configure_logging(*names: str) -> None:
@@ -607,7 +694,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connection-file", required=True)
     parser.add_argument("--pid", type=int, required=True)
     parser.add_argument("--ip", default=os.environ.get("GP_KERNEL_IP", "0.0.0.0"))
-    parser.add_argument("--info-file", help="JSON object served by the `info` op (the launcher keeps it current)")
+    info = parser.add_mutually_exclusive_group()
+    info.add_argument("--info-file", help="JSON object served by the `info` op (the launcher keeps it current)")
+    info.add_argument(
+        "--spark-report",
+        action="store_true",
+        help="serve PID's SparkContext as the `info` op's report, found by its thread and Spark UI (JVM kernels)",
+    )
     parser.add_argument(
         "--interrupt-signal",
         type=lambda name: signal.Signals[name if name.startswith("SIG") else f"SIG{name}"],
@@ -637,7 +730,11 @@ def main(argv: list[str] | None = None) -> int:
         ports = select_ports(args.port_range, len(KERNEL_PORT_NAMES) + 1, args.ip)
         info = build_connection_info(ports[:-1], args.ip)
         write_connection_file(args.connection_file, info)
-        report = FileReport(args.info_file) if args.info_file else None
+        report: PolledReport | None = None
+        if args.info_file:
+            report = FileReport(args.info_file)
+        elif args.spark_report:
+            report = JvmSparkReport(args.pid, ports[:-1])
         needs = args.interrupt_needs_thread
         guard = thread_guard(args.pid, needs, args.interrupt_refusal) if needs else None
         listener = ControlListener(
