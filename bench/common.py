@@ -1,14 +1,50 @@
-"""What the benchmarks share: the LocalProvisioner reference kernelspec, and timing a kernel until it is ready."""
+"""What the benchmarks share: a lab of namespace hosts with the gateway configured for it, the LocalProvisioner
+reference kernelspec, and timing a kernel until it is ready."""
 
 from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import zmq
 from jupyter_client import AsyncKernelManager
+from jupyter_client.kernelspec import KernelSpecManager
+from traitlets.config import Config
+
+from spark_gateway.specs import write_spec
+from tests.hostlab import HostLab
+
+Managers = Callable[[str], AsyncKernelManager]
+
+
+@contextmanager
+def bench_lab(hosts: int, **config: object) -> Iterator[tuple[HostLab, Path, Managers]]:
+    """`hosts` namespace hosts, a kernels dir holding `ssh_python` and `local_python` (add more there), and a
+    factory of kernel managers by spec name, with the gateway configured for the lab (plus `config`)."""
+    lab = HostLab.start(hosts)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            kernels = Path(tmp) / "kernels"
+            write_spec(kernels / "ssh_python")
+            write_local_spec(kernels)
+            ksm = KernelSpecManager(kernel_dirs=[str(kernels)])
+            cfg = Config()
+            cfg.DistributedProvisioner.ssh_config_file = str(lab.ssh_config)
+            cfg.DistributedProvisioner.remote_hosts = [h.name for h in lab.hosts]
+            for key, value in config.items():
+                setattr(cfg.DistributedProvisioner, key, value)
+
+            def manager(name: str) -> AsyncKernelManager:
+                return AsyncKernelManager(kernel_name=name, kernel_spec_manager=ksm, config=cfg)
+
+            yield lab, kernels, manager
+    finally:
+        lab.stop()
 
 
 def write_local_spec(kernels: Path, name: str = "local_python") -> None:

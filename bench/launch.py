@@ -11,18 +11,13 @@ import argparse
 import asyncio
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from jupyter_client import AsyncKernelManager
-from jupyter_client.kernelspec import KernelSpecManager
-from traitlets.config import Config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import until_ready, write_local_spec  # noqa: E402
-from spark_gateway.specs import write_spec  # noqa: E402
-from tests.hostlab import HostLab  # noqa: E402
+from bench.common import bench_lab, until_ready  # noqa: E402
 
 USER = {"KERNEL_USERNAME": "bench"}
 
@@ -68,32 +63,20 @@ async def one_kernel(km: AsyncKernelManager, env: dict[str, str], gone: callable
 
 
 async def main(runs: int) -> None:
-    lab = HostLab.start(1)
-    host = lab.hosts[0]
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            kernels = Path(tmp) / "kernels"
-            write_spec(kernels / "ssh_python")
-            write_local_spec(kernels)
-            ksm = KernelSpecManager(kernel_dirs=[str(kernels)])
-            cfg = Config()
-            cfg.DistributedProvisioner.ssh_config_file = str(lab.ssh_config)
-            cfg.DistributedProvisioner.remote_hosts = [host.name]
-            results: dict[str, list[dict]] = {"remote": [], "local": []}
-            for i in range(runs + 1):  # the first pair warms up (key pair, SSH connection, imports)
-                remote = AsyncKernelManager(kernel_name="ssh_python", kernel_spec_manager=ksm, config=cfg)
+    results: dict[str, list[dict]] = {"remote": [], "local": []}
+    with bench_lab(1) as (lab, _, manager):
+        host = lab.hosts[0]
+        for i in range(runs + 1):  # the first pair warms up (key pair, SSH connection, imports)
+            remote = manager("ssh_python")
 
-                def gone(km: AsyncKernelManager = remote) -> bool:
-                    return not any(km.kernel_id in cmd for _, cmd in host.processes())
+            def gone(km: AsyncKernelManager = remote) -> bool:
+                return not any(km.kernel_id in cmd for _, cmd in host.processes())
 
-                r = await one_kernel(remote, USER, gone)
-                local = AsyncKernelManager(kernel_name="local_python", kernel_spec_manager=ksm)
-                loc = await one_kernel(local, {}, None)
-                if i:
-                    results["remote"].append(r)
-                    results["local"].append(loc)
-    finally:
-        lab.stop()
+            r = await one_kernel(remote, USER, gone)
+            loc = await one_kernel(manager("local_python"), {}, None)
+            if i:
+                results["remote"].append(r)
+                results["local"].append(loc)
 
     def med(side: str, key: str) -> float:
         return statistics.median(x[key] for x in results[side])

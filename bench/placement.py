@@ -9,19 +9,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
 from jupyter_client import AsyncKernelManager
-from jupyter_client.kernelspec import KernelSpecManager
-from traitlets.config import Config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import until_ready, write_local_spec  # noqa: E402
-from spark_gateway.specs import write_spec  # noqa: E402
-from tests.hostlab import HostLab  # noqa: E402
+from bench.common import bench_lab, until_ready  # noqa: E402
 
 
 async def burst(kms: list[AsyncKernelManager], env: dict[str, str], midway=None) -> tuple[float, list]:
@@ -41,43 +36,27 @@ async def burst(kms: list[AsyncKernelManager], env: dict[str, str], midway=None)
 
 
 async def main(count: int) -> None:
-    lab = HostLab.start(3)
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            kernels = Path(tmp) / "kernels"
-            write_spec(kernels / "ssh_python")
-            write_local_spec(kernels)
-            ksm = KernelSpecManager(kernel_dirs=[str(kernels)])
-            cfg = Config()
-            cfg.DistributedProvisioner.ssh_config_file = str(lab.ssh_config)
-            cfg.DistributedProvisioner.remote_hosts = [h.name for h in lab.hosts]
-            cfg.DistributedProvisioner.load_balancing_algorithm = "least-connection"
-            cfg.DistributedProvisioner.ssh_connect_timeout = 2.0
-            user = {"KERNEL_USERNAME": "bench"}
+    user = {"KERNEL_USERNAME": "bench"}
+    with bench_lab(3, load_balancing_algorithm="least-connection", ssh_connect_timeout=2.0) as (lab, _, manager):
 
-            def managers(name: str) -> list[AsyncKernelManager]:
-                return [AsyncKernelManager(kernel_name=name, kernel_spec_manager=ksm, config=cfg) for _ in range(count)]
+        async def run(name: str, env: dict[str, str], midway=None) -> tuple[float, Counter, int]:
+            kms = [manager(name) for _ in range(count)]
+            wall, outcomes = await burst(kms, env, midway)
+            errors = [o for o in outcomes if isinstance(o, BaseException)]
+            failed = len(errors)
+            if errors:
+                print(f"  {failed} of {count} failed; the first: {errors[0]}", file=sys.stderr)
+            hosts = Counter(km.provisioner.host for km in kms if km.has_kernel and name == "ssh_python")
+            await asyncio.gather(*(km.shutdown_kernel(now=True) for km in kms if km.has_kernel))
+            return wall, hosts, failed
 
-            async def run(name: str, env: dict[str, str], midway=None) -> tuple[float, Counter, int]:
-                kms = managers(name)
-                wall, outcomes = await burst(kms, env, midway)
-                errors = [o for o in outcomes if isinstance(o, BaseException)]
-                failed = len(errors)
-                if errors:
-                    print(f"  {failed} of {count} failed; the first: {errors[0]}", file=sys.stderr)
-                hosts = Counter(km.provisioner.host for km in kms if km.has_kernel and name == "ssh_python")
-                await asyncio.gather(*(km.shutdown_kernel(now=True) for km in kms if km.has_kernel))
-                return wall, hosts, failed
-
-            await run("ssh_python", user)  # warm up: key pair, SSH connections, imports
-            local, _, _ = await run("local_python", {})
-            remote, spread, failed = await run("ssh_python", user)
-            local2, _, _ = await run("local_python", {})
-            victim = lab.hosts[2]
-            faulty, spread2, failed2 = await run("ssh_python", user, midway=victim.stop_sshd)
-            victim.start_sshd()
-    finally:
-        lab.stop()
+        await run("ssh_python", user)  # warm up: key pair, SSH connections, imports
+        local, _, _ = await run("local_python", {})
+        remote, spread, failed = await run("ssh_python", user)
+        local2, _, _ = await run("local_python", {})
+        victim = lab.hosts[2]
+        faulty, spread2, failed2 = await run("ssh_python", user, midway=victim.stop_sshd)
+        victim.start_sshd()
 
     print(f"placement benchmark: {count} kernels started at once over 3 hosts (least-connection)")
     print(

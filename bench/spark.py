@@ -18,19 +18,16 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 from jupyter_client import AsyncKernelManager
-from jupyter_client.kernelspec import KernelSpecManager
-from traitlets.config import Config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import until_ready  # noqa: E402
-from spark_gateway.specs import SpecOptions, install, write_spec  # noqa: E402
-from tests.hostlab import HostLab, LabHost  # noqa: E402
+from bench.common import bench_lab, until_ready  # noqa: E402
+from spark_gateway.specs import SpecOptions, install  # noqa: E402
+from tests.hostlab import LabHost  # noqa: E402
 from tests.spark_cluster import SPARK_HOME  # noqa: E402
 
 ENV = {"KERNEL_USERNAME": "bench"}
@@ -112,40 +109,26 @@ def median_ms(values: list[float]) -> str:
 
 
 async def main(runs: int, master: str) -> None:
-    lab = HostLab.start(1)
-    host = lab.hosts[0]
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            kernels = Path(tmp) / "kernels"
-            write_spec(kernels / "ssh_python")
-            for mode in ("lazy", "eager"):
-                opts, _ = SpecOptions(spark=True, spark_master=master, spark_home=SPARK_HOME, spark_init_mode=mode,
-                                      interpreter=sys.executable, kernel_name=f"spark_{mode}").resolve()  # fmt: skip
-                install(opts, kernels / opts.kernel_name)
-            script = Path(tmp) / "bare.py"
-            script.write_text(BARE_SCRIPT)
-            ksm = KernelSpecManager(kernel_dirs=[str(kernels)])
-            cfg = Config()
-            cfg.DistributedProvisioner.ssh_config_file = str(lab.ssh_config)
-            cfg.DistributedProvisioner.remote_hosts = [host.name]
-
-            def manager(name: str) -> AsyncKernelManager:
-                return AsyncKernelManager(kernel_name=name, kernel_spec_manager=ksm, config=cfg)
-
-            times: dict[str, list[float]] = {"plain": [], "lazy": [], "eager": [], "bare": []}
-            for i in range(runs + 1):  # the first round warms up (key pair, SSH connection, page cache)
-                round_ = {
-                    "plain": await time_to_ready(manager("ssh_python"), host),
-                    "lazy": await time_to_ready(manager("spark_lazy"), host),
-                    "bare": await asyncio.to_thread(bare_spark_submit, host, script, master),
-                    "eager": await time_to_ready(manager("spark_eager"), host),
-                }
-                if i:
-                    for key, value in round_.items():
-                        times[key].append(value)
-            latencies = await interrupt_latencies(manager("spark_eager"), host, runs)
-    finally:
-        lab.stop()
+    times: dict[str, list[float]] = {"plain": [], "lazy": [], "eager": [], "bare": []}
+    with bench_lab(1) as (lab, kernels, manager):
+        host = lab.hosts[0]
+        for mode in ("lazy", "eager"):
+            opts, _ = SpecOptions(spark=True, spark_master=master, spark_home=SPARK_HOME, spark_init_mode=mode,
+                                  interpreter=sys.executable, kernel_name=f"spark_{mode}").resolve()  # fmt: skip
+            install(opts, kernels / opts.kernel_name)
+        script = kernels.parent / "bare.py"
+        script.write_text(BARE_SCRIPT)
+        for i in range(runs + 1):  # the first round warms up (key pair, SSH connection, page cache)
+            round_ = {
+                "plain": await time_to_ready(manager("ssh_python"), host),
+                "lazy": await time_to_ready(manager("spark_lazy"), host),
+                "bare": await asyncio.to_thread(bare_spark_submit, host, script, master),
+                "eager": await time_to_ready(manager("spark_eager"), host),
+            }
+            if i:
+                for key, value in round_.items():
+                    times[key].append(value)
+        latencies = await interrupt_latencies(manager("spark_eager"), host, runs)
 
     med = {key: statistics.median(values) for key, values in times.items()}
     print(f"Spark kernel benchmark: {runs} runs each on a namespace host over SSH, master {master}")
