@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import paramiko
 
-from .ssh import SshPool, close_quietly, in_thread
+from .ssh import SshPool, close_quietly, in_thread, send_eof
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # $NAME, ${NAME} and ${NAME:-default} in kernelspec env values (operator text, as in the seed's examples)
@@ -177,7 +177,7 @@ class SshLaunch(LaunchHandle):
 
         def started(channel: paramiko.Channel) -> tuple[paramiko.Channel, int, bytes]:
             channel.sendall(script.encode())
-            channel.shutdown_write()
+            send_eof(channel)
             buf = b""
             while b"\n" not in buf:
                 data = channel.recv(4096)

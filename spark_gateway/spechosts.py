@@ -24,7 +24,7 @@ import paramiko
 
 from .provisioner import parse_port_range
 from .specs import manifest
-from .ssh import CommandResult, SshError, SshPool, is_local
+from .ssh import CommandResult, SshError, SshPool, close_quietly, is_local, send_eof
 
 CHECKS = ("ssh", "spec", "interpreter", "spark-submit", "callback", "ports")
 MANIFEST = (
@@ -100,11 +100,13 @@ class Spec:
 
     @property
     def interpreter(self) -> str:
-        """The interpreter the kernel runs in: PYSPARK_PYTHON for Spark Python specs, argv[0] otherwise."""
+        """The interpreter the kernel runs in: PYSPARK_PYTHON or GP_RSCRIPT for Spark specs, argv[0] otherwise;
+        none for Scala (a JVM that spark-submit starts)."""
+        spark = str(self.data["argv"][0]).endswith(".sh")
         if self.language == "python":
             return self.env.get("PYSPARK_PYTHON") or str(self.data["argv"][0])
-        if self.language == "r" and not str(self.data["argv"][0]).endswith(".sh"):
-            return str(self.data["argv"][0])
+        if self.language == "r":
+            return self.env.get("GP_RSCRIPT", "Rscript") if spark else str(self.data["argv"][0])
         return ""
 
     @property
@@ -219,7 +221,7 @@ class Host:
         try:
             channel.settimeout(timeout)
             channel.sendall(stdin)
-            channel.shutdown_write()
+            send_eof(channel)
             for line in channel.makefile("rb"):
                 yield line.decode(errors="replace")
         finally:
@@ -289,46 +291,63 @@ def _check_spec(host: Host, spec: Spec) -> Outcome:
 
 
 def _check_interpreter(host: Host, spec: Spec) -> Outcome:
-    path = spec.interpreter
-    if not path:
-        return Outcome("n/a", "runs through spark-submit")
-    q = shlex.quote(path)
-    if spec.language == "python":
-        res = host.run(f"test -x {q} || exit 127; exec {q} -c {shlex.quote(PYTHON_PROBE)}")
-        install = f"{path} -m pip install ipykernel pycryptodome"
-    else:
-        res = host.run(f"test -x {q} || exit 127; exec {q} -e {shlex.quote(R_PROBE)}")
-        install = f"{path} -e 'install.packages(\"IRkernel\")'"
-    if res.status == 127:
-        return fail(
-            f"{path} does not exist on {host.entry} (or is not executable)",
-            "install it there at that path, or reinstall the spec with --interpreter set to a path every host has",
-        )
-    if res.status != 0:
-        last = (res.stderr.strip().splitlines() or [f"exit {res.status}"])[-1]
-        return fail(f"{path} on {host.entry} cannot load the kernel: {last}", f"on {host.entry}: {install}")
+    """The kernel's interpreter (Python, Rscript) loads the kernel; R and Scala: the listener's Python has what the
+    protocol needs."""
+    path, detail = spec.interpreter, ""
+    if path:
+        q = shlex.quote(path)
+        if spec.language == "python":
+            res = host.run(f"test -x {q} || exit 127; exec {q} -c {shlex.quote(PYTHON_PROBE)}")
+            install = f"{path} -m pip install ipykernel pycryptodome"
+        else:
+            res = host.run(f"command -v {q} >/dev/null || exit 127; exec {q} -e {shlex.quote(R_PROBE)}")
+            install = f"{path} -e 'install.packages(\"IRkernel\")' (Debian: apt install r-cran-irkernel)"
+        if res.status == 127:
+            return fail(
+                f"{path} does not exist on {host.entry} (or is not executable)",
+                "install it there at that path, or reinstall the spec with --interpreter set to a path every host has",
+            )
+        if res.status != 0:
+            last = (res.stderr.strip().splitlines() or [f"exit {res.status}"])[-1]
+            return fail(f"{path} on {host.entry} cannot load the kernel: {last}", f"on {host.entry}: {install}")
+        detail = res.stdout.strip() or path
     listener = spec.env.get("GP_LISTENER_PYTHON")
-    if spec.language != "python" and listener:  # R: the protocol runs in server_listener.py under this Python
+    if spec.language != "python" and listener:  # R, Scala: the protocol runs in server_listener.py under this Python
         q = shlex.quote(listener)
         if host.run(f"test -x {q} && exec {q} -c 'import Crypto.Cipher.AES'").status != 0:
             return fail(
                 f"the listener's Python {listener} on {host.entry} is missing or lacks pycryptodome",
                 f"on {host.entry}: {listener} -m pip install pycryptodome (or set GP_LISTENER_PYTHON in the spec)",
             )
-    return ok(res.stdout.strip() or path)
+        detail = f"{detail}; listener {listener}" if detail else f"listener {listener}"
+    return ok(detail) if detail else Outcome("n/a", "runs through spark-submit")
 
 
 def _check_spark_submit(host: Host, spec: Spec) -> Outcome:
+    """spark-submit exists; R: SparkR is installed beside it; Scala: its Spark uses the Scala Toree is built for."""
     home = spec.env.get("SPARK_HOME")
     if not home:
         return Outcome("n/a", "not a Spark spec")
-    submit = f"{home.rstrip('/')}/bin/spark-submit"
+    home = home.rstrip("/")
+    submit = f"{home}/bin/spark-submit"
+    reinstall = "or reinstall the spec with --spark-home set to where such a Spark is on every host"
     if host.run(f"test -x {shlex.quote(submit)}").status != 0:
+        return fail(f"{submit} is missing on {host.entry} (or not executable)", f"install Spark at {home}, {reinstall}")
+    if spec.language == "r" and host.run(f"test -f {shlex.quote(home)}/R/lib/SparkR/DESCRIPTION").status != 0:
         return fail(
-            f"{submit} is missing on {host.entry} (or not executable)",
-            f"install Spark at {home} on {host.entry}, or reinstall the spec with --spark-home set to where Spark is "
-            "on every host",
+            f"SparkR is not installed under {home}/R/lib on {host.entry} (pip's pyspark has none)",
+            f"install a Spark distribution with R support at {home} (spark.apache.org's spark-<version>-bin-*.tgz "
+            f"ships R/lib/SparkR), {reinstall}; see docs/r-kernels.md",
         )
+    if spec.language == "scala":
+        jars = host.run(f"cd {shlex.quote(home)}/jars 2>/dev/null && ls -1 scala-library-*.jar").stdout.split()
+        if jars and not jars[0].startswith("scala-library-2.12."):
+            return fail(
+                f"the Spark at {home} on {host.entry} uses Scala {jars[0][14:-4]} ({jars[0]}); Apache Toree 0.5 "
+                "needs Scala 2.12, i.e. Spark 3.x",
+                f"install a Spark 3.x at {home}, {reinstall}; see docs/scala-kernels.md",
+            )
+        return ok(f"{submit} ({jars[0] if jars else 'Scala version unknown'})")
     return ok(submit)
 
 
@@ -409,7 +428,7 @@ def check_host(host: Host, spec: Spec, settings: Settings) -> dict[str, Outcome]
             continue
         try:
             results[name] = step()
-        except (SshError, OSError) as exc:
+        except (SshError, OSError, EOFError, paramiko.SSHException) as exc:
             results[name] = fail(f"{type(exc).__name__}: {exc}")
     return results
 
@@ -454,16 +473,21 @@ def _upload(host: Host, src: Path) -> None:
     if res.status != 0:
         raise SshError(f"cannot create {parent} on {host.entry}: {res.stderr.strip()}")
     box = f"{parent}/.{src.name}.partial-{secrets.token_hex(4)}"
-    sftp = host.pool.client(host.entry).open_sftp()
+    try:
+        sftp = host.pool.client(host.entry).open_sftp()
+    except (paramiko.SSHException, EOFError, OSError) as exc:
+        raise SshError(f"cannot open SFTP to {host.entry}: {exc or type(exc).__name__}") from exc
     try:
         _sftp_swap(sftp, src, box)
-    except OSError as exc:
+    except PermissionError as exc:
         raise SshError(
             f"cannot write {dest} on {host.entry}: {exc.strerror or exc}. Sync as a user who may write there "
             "(--remote-user, or User in ssh_config)"
         ) from exc
+    except (paramiko.SSHException, EOFError, OSError) as exc:
+        raise SshError(f"cannot write {dest} on {host.entry}: {exc or type(exc).__name__}") from exc
     finally:
-        sftp.close()
+        close_quietly(sftp.get_channel())
         host.run(f"rm -rf -- {shlex.quote(box)}")
 
 
@@ -508,7 +532,7 @@ def sync_host(host: Host, spec: Spec, out: Callable[[str], None]) -> bool:
         _upload(host, spec.path)
         out(f"{tag} done in {time.monotonic() - started:.2f} s")
         return True
-    except (SshError, OSError) as exc:
+    except (SshError, OSError, EOFError, paramiko.SSHException) as exc:
         out(f"{tag} FAILED: {exc}")
         return False
 

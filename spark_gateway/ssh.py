@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -289,7 +290,7 @@ class SshPool:
             channel.settimeout(timeout)
             if stdin:
                 channel.sendall(stdin)
-            channel.shutdown_write()
+            send_eof(channel)
             out, err = _drain(channel)
             return CommandResult(channel.recv_exit_status(), out, err)
         except TimeoutError as exc:
@@ -331,6 +332,34 @@ def close_quietly(channel: paramiko.Channel) -> None:
     """Close a channel whose connection may already be dead."""
     with contextlib.suppress(paramiko.SSHException, EOFError, OSError):
         channel.close()
+
+
+def send_eof(channel: paramiko.Channel, timeout: float = 30.0) -> None:
+    """Half-close our side of `channel` (the command's stdin ends), never after the channel's CLOSE.
+
+    paramiko's shutdown_write() builds its EOF under the channel lock but sends it after releasing it. When the
+    command has just ended, the transport thread's CLOSE can then go out first, and OpenSSH drops the whole
+    connection, every other channel on it included ("ieof packet referred to nonexistent channel"). Here the EOF
+    is built and sent while holding the transport's send lock, which that CLOSE must take too. paramiko never holds
+    a channel's lock while it waits for the send lock, so taking them in this order cannot deadlock.
+    """
+    transport = channel.get_transport()
+    if transport is None or not hasattr(transport, "clear_to_send_lock"):  # not the paramiko this was written for
+        channel.shutdown_write()
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        transport.clear_to_send.wait(0.1)  # not during a key exchange
+        if not transport.is_active():
+            raise EOFError("the SSH connection is closed")
+        with transport.clear_to_send_lock:
+            if transport.clear_to_send.is_set():
+                with channel.lock:
+                    message = channel._send_eof()  # None when already sent (e.g. with the channel's CLOSE)
+                if message is not None:
+                    transport._send_message(message)
+                return
+    raise paramiko.SSHException(f"no key exchange completed within {timeout:g} s")
 
 
 def _drain(channel: paramiko.Channel) -> tuple[str, str]:

@@ -15,6 +15,8 @@ from typing import Any
 
 import paramiko
 
+from .ssh import send_eof
+
 # per connection: host-side forwarded port -> the local port of the callback server it leads to
 _reverse: weakref.WeakKeyDictionary[paramiko.Transport, dict[int, int]] = weakref.WeakKeyDictionary()
 _reverse_lock = threading.Lock()
@@ -23,7 +25,7 @@ _reverse_lock = threading.Lock()
 def _half_close(end: Any) -> None:
     with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
         if isinstance(end, paramiko.Channel):
-            end.shutdown_write()
+            send_eof(end)
         else:
             end.shutdown(socket.SHUT_WR)
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from spark_gateway.ssh import SshPool, SshSettings
 from tests.conftest import add_spec, env, execute, kernel_processes
 
 pytestmark = pytest.mark.asyncio
@@ -58,6 +61,24 @@ async def test_broken_pooled_connection_is_re_established(lab, managers):
     assert out.strip() == "reconnected"
     await km.shutdown_kernel()  # the first kernel is still managed over the new connection
     assert not kernel_processes(host, km.kernel_id)
+
+
+async def test_many_quick_commands_at_once_keep_the_pooled_connection(lab):
+    """Commands that end at once, from many threads over one pooled connection: all succeed, the connection stays.
+    (paramiko's shutdown_write() could send its EOF after the channel's CLOSE, and OpenSSH then dropped the whole
+    connection with everything on it: spark_gateway.ssh.send_eof.)"""
+    pool, host, count = SshPool(SshSettings(config_file=str(lab.ssh_config))), lab.hosts[0].name, 1500
+    try:
+        transport = pool.client(host).get_transport()
+
+        def burst() -> list[str]:
+            with ThreadPoolExecutor(16) as executor:
+                return [r.stdout.strip() for r in executor.map(lambda i: pool.run(host, f"echo {i}"), range(count))]
+
+        assert await asyncio.to_thread(burst) == [str(i) for i in range(count)]
+        assert pool.client(host).get_transport() is transport and transport.is_active()
+    finally:
+        pool.close()
 
 
 async def test_localhost_is_launched_without_ssh(managers):

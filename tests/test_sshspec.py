@@ -830,3 +830,42 @@ def test_check_catches_an_r_listener_python_without_pycryptodome(
     assert tables(proc.stdout)["r_bare"][one.name]["interpreter"] == "FAIL"
     assert f"the listener's Python {system_python} on {one.name} is missing or lacks pycryptodome" in proc.stdout
     assert f"fix: on {one.name}: {system_python} -m pip install pycryptodome" in proc.stdout
+
+
+def test_check_catches_missing_sparkr_and_a_spark_of_the_wrong_scala(
+    lab: HostLab, hosts: list[LabHost], tmp_path: Path
+) -> None:
+    """R Spark specs need SparkR beside spark-submit; Scala specs a Spark on Scala 2.12. `check` says which host
+    lacks what (pip's pyspark 4 has no SparkR and is Scala 2.13; the `make spark35` one fits Toree)."""
+    from tests import test_scala_kernel as scala  # its Spark 3.5 + Toree environment (a module: no tests collected)
+
+    if not (shutil.which("Rscript") and pyspark_dir()):
+        pytest.skip("needs Rscript (r-base-core) and pip's pyspark")
+    gateway, one, two = hosts
+    ssh, remote = f"--ssh-config={lab.ssh_config}", [f"--remote-hosts={one.name}", f"--remote-hosts={two.name}"]
+    spark = ["--spark", "--spark-master=local[*]"]
+    installs = {"r_spark": ["--language=R", *spark, f"--spark-home={pyspark_dir()}"]}
+    if scala.TOREE_JAR and scala.SPARK35_HOME:
+        scala_args = ["--language=Scala", *spark, f"--spark-home={scala.SPARK35_HOME}"]
+        scala_args.append(f"--toree-jar={scala.TOREE_JAR}")
+        installs |= {"scala3": scala_args, "scala4": scala_args}
+    for name, args in installs.items():
+        assert on(gateway, "install", *remote, *args, f"--kernel-name={name}", home=tmp_path).returncode == 0
+    if "scala4" in installs:  # then its hosts' Spark changed to Spark 4 (install itself refuses that)
+        path = f"{KERNELS}/scala4/kernel.json"
+        spec = json.loads(gateway.run(["cat", path]).stdout)
+        spec["env"]["SPARK_HOME"] = pyspark_dir()
+        gateway.run(["sh", "-c", f"cat > {path}"], input=json.dumps(spec))
+    on(gateway, "sync", *installs, ssh, home=tmp_path)
+    proc = on(gateway, "check", *installs, ssh, home=tmp_path)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    result, out = tables(proc.stdout), proc.stdout
+    for host in (one, two):
+        assert result["r_spark"][host.name] == dict.fromkeys(CHECKS, "ok") | {"spark-submit": "FAIL"}, out
+        assert f"{host.name} spark-submit: SparkR is not installed under {pyspark_dir()}/R/lib on {host.name}" in out
+        if "scala3" in installs:
+            assert result["scala3"][host.name] == dict.fromkeys(CHECKS, "ok"), out
+            assert result["scala4"][host.name] == dict.fromkeys(CHECKS, "ok") | {"spark-submit": "FAIL"}, out
+            assert f"the Spark at {pyspark_dir()} on {host.name} uses Scala 2.13" in out
+    assert "fix: install a Spark distribution with R support" in out
+    assert "Apache Toree 0.5 needs Scala 2.12" in out or "scala3" not in installs
