@@ -520,14 +520,14 @@ def thread_names(pid: int) -> set[str]:
     return names
 
 
+def has_thread(pid: int, name: str) -> bool:
+    """Whether PID runs a thread called `name` (compared as the kernel keeps it: its first 15 bytes)."""
+    return name.encode()[:15].decode(errors="ignore") in thread_names(pid)
+
+
 def thread_guard(pid: int, thread: str, reason: str) -> Callable[[], str | None]:
     """An interrupt guard: refuse with `reason` while PID has no thread named `thread`."""
-    comm = thread.encode()[:15].decode(errors="ignore")
-
-    def guard() -> str | None:
-        return None if comm in thread_names(pid) else reason
-
-    return guard
+    return lambda: None if has_thread(pid, thread) else reason
 
 
 def listening_sockets() -> list[tuple[str, int, str]]:
@@ -628,7 +628,7 @@ class JvmSparkReport(PolledReport):
         self._context_seen = 0.0
 
     def read(self) -> dict[str, Any]:
-        if self._ready is None and DAG_SCHEDULER_THREAD[:15] in thread_names(self.pid):
+        if self._ready is None and has_thread(self.pid, DAG_SCHEDULER_THREAD):
             self._context_seen = self._context_seen or time.monotonic()
             details = self._from_ui()
             if details or time.monotonic() - self._context_seen > self.UI_GRACE:
