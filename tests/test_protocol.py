@@ -415,3 +415,37 @@ def test_jvm_spark_report_without_a_spark_ui_turns_ready_after_its_grace(tmp_pat
     finally:
         proc.kill()
         proc.wait()
+
+
+# The Python launcher's own listener, in its process. SIGINT is blocked everywhere, so it stays pending, and the kernel
+# shows where: SigPnd of the main thread (sent to that thread) or ShdPnd (sent to the process: any thread may take it).
+IN_PROCESS_INTERRUPT = """
+import json, os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import server_listener as sl
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # threads started from here on block it too
+listener = sl.ControlListener(os.getpid(), os.getpgid(0), ip="127.0.0.1")
+listener.start()
+print(json.dumps({"port": listener.port, "secret": listener.secret_hex}), flush=True)
+sys.stdin.readline()
+status = open(f"/proc/self/task/{os.getpid()}/status").read().splitlines()
+print(json.dumps({k: int(v, 16) for k, v in (line.split(":") for line in status) if k in ("SigPnd", "ShdPnd")}))
+"""
+
+
+def test_an_in_process_interrupt_goes_to_the_thread_that_runs_the_cells() -> None:
+    """A SIGINT to the process may land on any thread; one blocked in a call (py4j waiting for a Spark job) would
+    then not be interrupted. The in-process listener sends it to the main thread itself."""
+    argv = [sys.executable, "-c", IN_PROCESS_INTERRUPT, str(SCRIPTS)]
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        listener = json.loads(proc.stdout.readline())
+        interrupt = {"signum": int(signal.SIGINT), "group": False}
+        assert asyncio.run(control_request(LOCAL, listener["port"], listener["secret"], "signal", interrupt))["ok"]
+        proc.stdin.write("pending?\n")
+        proc.stdin.flush()
+        assert json.loads(proc.stdout.readline()) == {"SigPnd": 1 << (signal.SIGINT - 1), "ShdPnd": 0}
+    finally:
+        proc.kill()
+        proc.wait()

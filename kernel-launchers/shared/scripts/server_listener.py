@@ -464,6 +464,10 @@ class ControlListener:
         try:
             if group:
                 os.killpg(self.pgid, signum)
+            elif self.pid == os.getpid():  # our own process (the Python launcher): to the thread that runs the cells,
+                # so its blocking call (e.g. py4j waiting for a Spark job) is interrupted; a signal to the process may
+                # land on another thread, and the cell would then not see it until that call returns
+                signal.pthread_kill(threading.main_thread().ident, signum)  # type: ignore[arg-type]
             else:
                 os.kill(self.pid, signum)
         except OSError as exc:
