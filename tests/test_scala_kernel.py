@@ -8,8 +8,10 @@ apache-toree 0.5.0), and skip when it is absent. The mismatch refusals need only
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import queue
 import subprocess
 import sys
 import time
@@ -107,6 +109,14 @@ async def execute(kc: AsyncKernelClient, code: str, timeout: float = 120) -> tup
             out.append(f"{content['ename']}: {content['evalue']}")
 
     reply = await kc.execute_interactive(code, timeout=timeout, output_hook=hook)
+    # execute_interactive stops reading iopub at the cell's `idle` status; once in CI a lazy context's first use came
+    # back `ok` with only Toree's "Waiting for a Spark session" line, its result missing: Toree can publish after
+    # `idle`. Collect what follows until iopub has been quiet for a second.
+    with contextlib.suppress(queue.Empty, asyncio.TimeoutError):
+        while True:
+            msg = await kc.get_iopub_msg(timeout=1)
+            if msg["parent_header"].get("msg_id") == reply["parent_header"].get("msg_id"):
+                hook(msg)
     return "".join(out), reply["content"]
 
 
