@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import os
+import queue
 import re
 import shlex
 import shutil
@@ -208,11 +209,33 @@ async def test_bad_extra_spark_opts_are_refused_before_anything_runs(lab, manage
     assert not os.path.exists(PWNED)
 
 
+PY4J_PORT = "print(sc._gateway._gateway_client.get_thread_connection().socket.getsockname()[1])"
+JVM_SLEEP = """
+import sys, threading, time
+main = threading.get_ident()
+
+def in_the_jvm():
+    frame = sys._current_frames()[main]
+    while frame is not None and frame.f_code.co_name != "send_command":
+        frame = frame.f_back
+    return frame is not None
+
+def report():
+    while not in_the_jvm():
+        time.sleep(0.01)
+    print("in the JVM", flush=True)
+
+threading.Thread(target=report).start()
+sc._jvm.java.lang.Thread.sleep(3600000)
+"""
+
+
 async def test_interrupt_cancels_the_running_job_and_the_kernel_stays_usable(lab, managers, spark_specs):
     host = lab.hosts[0]
     km = managers("spark_lazy")
     await km.start_kernel(env=env(KERNEL_REMOTE_HOST=host.name))
     assert (await execute(km, "print(spark.range(3).count())"))[0].strip().endswith("3")
+    py4j_port = (await execute(km, PY4J_PORT))[0]
     ui = await until(lambda: km.provisioner.spark.get("ui_url"))
     api = f"http://{host.address}:{ui.rsplit(':', 1)[1]}/api/v1/applications/{km.provisioner.spark['app_id']}/jobs"
 
@@ -235,8 +258,31 @@ async def test_interrupt_cancels_the_running_job_and_the_kernel_stays_usable(lab
     finally:
         kc.stop_channels()
     assert "cancelled all Spark jobs" in log_text(km)
+    # The cell got its KeyboardInterrupt after the JVM answered, not inside py4j's socket read, where py4j tears
+    # its connections down (the next JVM call could then fail with Py4JNetworkError).
+    assert (await execute(km, PY4J_PORT))[0] == py4j_port
     out, reply = await execute(km, "print('after', spark.range(7).count())")
     assert reply["status"] == "ok" and out.strip() == "after 7"
+
+    # A JVM call that is no Spark job goes on after an interrupt (cancelling jobs cannot end it); a second
+    # interrupt ends the wait at once.
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=60)
+        msg_id = kc.execute(JVM_SLEEP)
+        while (await kc.get_iopub_msg(timeout=60))["content"].get("text") != "in the JVM\n":
+            pass
+        await km.interrupt_kernel()
+        with pytest.raises(queue.Empty):
+            await kc.get_shell_msg(timeout=3)
+        await km.interrupt_kernel()
+        reply = await kc.get_shell_msg(timeout=60)
+        assert reply["parent_header"]["msg_id"] == msg_id
+        assert (reply["content"]["status"], reply["content"]["ename"]) == ("error", "KeyboardInterrupt")
+    finally:
+        kc.stop_channels()
+    assert (await execute(km, "print(6 * 7)"))[0].strip() == "42"
     await km.shutdown_kernel()
 
 

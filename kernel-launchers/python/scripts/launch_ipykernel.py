@@ -181,6 +181,8 @@ class SparkSessionStarter:
         self._thread: threading.Thread | None = None
         self._shown = False
         self._user_ns: dict[str, Any] | None = None
+        self._awaiting: FrameType | None = None  # the frame that gets the KeyboardInterrupt once the JVM answers
+        self._cancelling = False  # this cell's interrupt has cancelled the jobs already
         logging.getLogger("py4j").setLevel(logging.WARNING)  # not one line per py4j connection in the kernel log
 
     # -- creation
@@ -273,11 +275,20 @@ class SparkSessionStarter:
     def objects(self) -> dict[str, Any]:
         return {"spark": self.session, "sc": self.session.sparkContext, "sql": self.session.sql}
 
-    def install(self, shell: Any) -> None:
+    def install(self, kernel: Any) -> None:
         """Put `spark`, `sc` and `sql` into the user namespace; cancel Spark jobs when a cell is interrupted."""
+        shell = kernel.shell
         self._user_ns = shell.user_ns
         shell.user_ns.update({name: _SparkName(self, name) for name in SPARK_NAMES})
         shell.set_custom_exc((KeyboardInterrupt,), self._on_interrupt)
+        hook = kernel.pre_handler_hook  # ipykernel makes SIGINT raise KeyboardInterrupt while a message is handled
+
+        def pre_handler_hook() -> None:
+            hook()
+            self._cancelling = False
+            signal.signal(signal.SIGINT, self._on_sigint)
+
+        kernel.pre_handler_hook = pre_handler_hook
 
     def resolve(self, name: str) -> Any:
         """The real object behind a name: waits for the session, shows the application once, replaces the names."""
@@ -294,15 +305,57 @@ class SparkSessionStarter:
                     self._user_ns[key] = objects[key]  # type: ignore[index]
         return objects[name]
 
+    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        """SIGINT while a cell runs. A cell waiting for the JVM gets its KeyboardInterrupt once the JVM answers,
+        after its jobs are cancelled from another thread: raised inside py4j's socket read, py4j tears its
+        connections down, and the cell's next JVM call can then fail (Py4JNetworkError). A second SIGINT before
+        the answer (a JVM call that is no Spark job) raises at once."""
+        caller = _py4j_caller(frame)
+        if self._awaiting is not None or caller is None or self.session is None or sys.gettrace() is not None:
+            self._end_await()
+            raise KeyboardInterrupt
+        self._awaiting, self._cancelling = caller, True
+        threading.Thread(target=self.cancel_jobs, name="spark-interrupt", daemon=True).start()
+        caller.f_trace = self._raise_interrupt  # its next event comes once py4j has read the JVM's answer
+        sys.settrace(_trace_nothing)  # a frame's f_trace only runs while its thread has a trace function
+
+    def _raise_interrupt(self, frame: FrameType, event: str, arg: Any) -> None:
+        self._end_await()
+        raise KeyboardInterrupt
+
+    def _end_await(self) -> None:
+        if self._awaiting is not None:
+            self._awaiting.f_trace = None
+            self._awaiting = None
+            sys.settrace(None)
+
+    def cancel_jobs(self) -> None:
+        """Cancel all jobs of the session (needs a py4j connection of its own: not the signalled main thread)."""
+        try:
+            self.session.sparkContext.cancelAllJobs()
+            log.info("interrupt: cancelled all Spark jobs of %s", self.details.get("app_id"))
+        except Exception as exc:
+            log.warning("interrupt: cannot cancel Spark jobs: %r", exc)
+
     def _on_interrupt(self, shell: Any, etype: type, value: BaseException, tb: Any, tb_offset: Any = None) -> None:
         """IPython's handler of KeyboardInterrupt in a cell: cancel the running Spark jobs, show the traceback."""
-        if self.session is not None:
-            try:
-                self.session.sparkContext.cancelAllJobs()
-                log.info("interrupt: cancelled all Spark jobs of %s", self.details.get("app_id"))
-            except Exception as exc:
-                log.warning("interrupt: cannot cancel Spark jobs: %r", exc)
+        if self.session is not None and not self._cancelling:
+            self.cancel_jobs()
         shell.showtraceback((etype, value, tb), tb_offset=tb_offset)
+
+
+def _py4j_caller(frame: FrameType | None) -> FrameType | None:
+    """The frame that called py4j's ``send_command`` if `frame` runs inside it (the thread waits for the JVM)."""
+    caller = None
+    while frame is not None:
+        if frame.f_code.co_name == "send_command" and frame.f_globals.get("__name__", "").startswith("py4j."):
+            caller = frame.f_back
+        frame = frame.f_back
+    return caller
+
+
+def _trace_nothing(frame: FrameType, event: str, arg: Any) -> None:
+    """The thread's trace function while an interrupt waits for the JVM: new frames are not traced."""
 
 
 def hand_over_ports(app: Any, reservation: sl.PortReservation, info: dict[str, Any]) -> None:
@@ -377,7 +430,7 @@ def main(argv: list[str] | None = None) -> None:
         log.error("error: %s", exc)  # sys.stderr belongs to ipykernel by now; our log goes to the kernel log
         sys.exit(1)
     if spark is not None:
-        spark.install(app.shell)
+        spark.install(app.kernel)
         if mode == "lazy":
             spark.start()  # after the kernel's own start-up, so the JVM does not compete with it
     app.start()
