@@ -15,34 +15,9 @@ from Crypto.Cipher import AES, PKCS1_OAEP
 from Crypto.Hash import SHA256
 from Crypto.PublicKey import RSA
 
-log = logging.getLogger(__name__)
+from . import protocol
 
-PROTOCOL_VERSION = 1
-AAD_PREFIX = b"spark_gateway/v1|"
-MAX_PAYLOAD = 64 * 1024
-_PLAINTEXT_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "kernel_id": str,
-    "launch_token": str,
-    "connection_info": dict,
-    "pid": int,
-    "pgid": int,
-    "hostname": str,
-    "listener_port": int,
-    "listener_secret": str,
-    "connection_file": str,
-    "log_file": (str, type(None)),
-}
-_CONNECTION_FIELDS: dict[str, type] = {
-    "shell_port": int,
-    "iopub_port": int,
-    "stdin_port": int,
-    "control_port": int,
-    "hb_port": int,
-    "ip": str,
-    "key": str,
-    "transport": str,
-    "signature_scheme": str,
-}
+log = logging.getLogger(__name__)
 
 
 class PayloadError(ValueError):
@@ -91,23 +66,23 @@ def decrypt_payload(private_key: RSA.RsaKey, raw: bytes) -> tuple[str, dict[str,
         raise PayloadError("envelope is not JSON") from None
     if not isinstance(envelope, dict):
         raise PayloadError("envelope is not a JSON object")
-    if envelope.get("v") != PROTOCOL_VERSION:
+    if envelope.get("v") != protocol.VERSION:
         raise PayloadError(f"unsupported protocol version {envelope.get('v')!r}")
     kernel_id = envelope.get("kernel_id")
     if not isinstance(kernel_id, str) or not kernel_id:
         raise PayloadError("envelope field 'kernel_id' missing or not a string")
     wrapped = _b64field(envelope, "key")
-    nonce = _b64field(envelope, "nonce", 12)
+    nonce = _b64field(envelope, "nonce", protocol.NONCE_BYTES)
     data = _b64field(envelope, "data")
-    tag = _b64field(envelope, "tag", 16)
+    tag = _b64field(envelope, "tag", protocol.TAG_BYTES)
     try:
         aes_key = PKCS1_OAEP.new(private_key, hashAlgo=SHA256).decrypt(wrapped)
     except (ValueError, TypeError):
         raise PayloadError("cannot unwrap the AES key (wrong gateway key or tampered)") from None
-    if len(aes_key) != 32:
+    if len(aes_key) != protocol.AES_KEY_BYTES:
         raise PayloadError("wrapped key is not an AES-256 key")
     cipher = AES.new(aes_key, AES.MODE_GCM, nonce=nonce)
-    cipher.update(AAD_PREFIX + kernel_id.encode())
+    cipher.update(protocol.aad(kernel_id))
     try:
         plaintext = cipher.decrypt_and_verify(data, tag)
     except ValueError:
@@ -118,8 +93,8 @@ def decrypt_payload(private_key: RSA.RsaKey, raw: bytes) -> tuple[str, dict[str,
         raise PayloadError("plaintext is not JSON") from None
     if not isinstance(payload, dict):
         raise PayloadError("plaintext is not a JSON object")
-    _check_fields(payload, _PLAINTEXT_FIELDS, "plaintext")
-    _check_fields(payload["connection_info"], _CONNECTION_FIELDS, "connection_info")
+    _check_fields(payload, protocol.PLAINTEXT_FIELDS, "plaintext")
+    _check_fields(payload["connection_info"], protocol.CONNECTION_FIELDS, "connection_info")
     if payload["kernel_id"] != kernel_id:
         raise PayloadError("plaintext kernel_id differs from the envelope's")
     return kernel_id, payload
@@ -132,7 +107,7 @@ class ResponseServer:
         self,
         private_key: RSA.RsaKey | None = None,
         read_timeout: float = 10.0,
-        max_payload: int = MAX_PAYLOAD,
+        max_payload: int = protocol.MAX_MESSAGE,
     ) -> None:
         self.private_key = private_key or generate_key_pair()
         self.public_key_b64 = public_key_b64(self.private_key)

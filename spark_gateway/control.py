@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 from typing import Any
 
-MAX_LINE = 64 * 1024
+from .protocol import MAX_MESSAGE, request_mac
 
 
 class ControlError(Exception):
@@ -17,17 +15,6 @@ class ControlError(Exception):
 
 class ControlRefused(ControlError):
     """The listener understood the request and declined it on purpose (``"refused": true``); the reason says why."""
-
-
-def canonical_request(op: str, args: dict[str, Any]) -> str:
-    """The signed form of a control request."""
-    return json.dumps({"op": op, "args": args}, sort_keys=True, separators=(",", ":"))
-
-
-def request_mac(secret: bytes, challenge: str, op: str, args: dict[str, Any]) -> str:
-    """hex HMAC-SHA256(secret, challenge + "\\n" + canonical)."""
-    message = f"{challenge}\n{canonical_request(op, args)}".encode()
-    return hmac.new(secret, message, hashlib.sha256).hexdigest()
 
 
 async def _read_json_line(reader: asyncio.StreamReader, what: str) -> dict[str, Any]:
@@ -44,7 +31,7 @@ async def _read_json_line(reader: asyncio.StreamReader, what: str) -> dict[str, 
 
 
 async def _exchange(host: str, port: int, secret: bytes, op: str, args: dict[str, Any]) -> dict[str, Any]:
-    reader, writer = await asyncio.open_connection(host, port, limit=MAX_LINE)
+    reader, writer = await asyncio.open_connection(host, port, limit=MAX_MESSAGE)
     try:
         challenge = (await _read_json_line(reader, "challenge")).get("challenge")
         if not isinstance(challenge, str):

@@ -17,17 +17,17 @@ class HostState:
 class Health:
     """Per-process view of which hosts failed, why, and until when they are left alone."""
 
-    base: float = 5.0
     ceiling: float = 300.0
     hosts: dict[str, HostState] = field(default_factory=dict)
     owed: dict[str, list[str]] = field(default_factory=dict)  # host -> shell commands still to run there
 
-    def failed(self, host: str, reason: str) -> float:
-        """Quarantine `host`: 1, 2, 4, ... times `base` seconds, at most `ceiling`. Returns the duration."""
+    def failed(self, host: str, reason: str, base: float) -> float:
+        """Quarantine `host`: 1, 2, 4, ... times `base` seconds (the caller's host_quarantine), at most `ceiling`.
+        Returns the duration."""
         state = self.hosts.setdefault(host, HostState())
         state.failures += 1
         state.reason = reason
-        duration = min(self.base * 2 ** (state.failures - 1), self.ceiling)
+        duration = min(base * 2 ** (state.failures - 1), self.ceiling)
         state.until = time.monotonic() + duration
         return duration
 

@@ -77,6 +77,16 @@ class HostReport:
         return cpu + self.mem_available / max(1, self.mem_total)
 
 
+def check_pin(hosts: list[str], pinned: str) -> str:
+    """`KERNEL_REMOTE_HOST` must name a configured host: a pin anywhere else would point our SSH identity there."""
+    if pinned not in hosts:
+        raise PlacementError(
+            f"KERNEL_REMOTE_HOST={pinned!r} is not one of the configured remote hosts "
+            f"({', '.join(hosts)}); a kernel can only be pinned to a configured host"
+        )
+    return pinned
+
+
 class HostSelector:
     """Per-process placement state: the round-robin position, and this gateway's recent launches on each host.
 
@@ -96,14 +106,6 @@ class HostSelector:
             for kid in [k for k, done in launches.items() if done is not None and done < time.monotonic() - 60]:
                 del launches[kid]
             return {k for k, done in launches.items() if done is None or done >= report.taken_at}
-
-    def pin(self, hosts: list[str], pinned: str) -> str:
-        if pinned not in hosts:
-            raise PlacementError(
-                f"KERNEL_REMOTE_HOST={pinned!r} is not one of the configured remote hosts "
-                f"({', '.join(hosts)}); a kernel can only be pinned to a configured host"
-            )
-        return pinned
 
     def round_robin(self, hosts: list[str], usable: list[str]) -> str:
         """The next usable host in configured order; unusable ones are passed over."""

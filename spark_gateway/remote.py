@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import paramiko
 
-from .ssh import SshPool, close_quietly, in_thread, send_eof
+from .ssh import SshPool, close_quietly, send_eof
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # $NAME, ${NAME} and ${NAME:-default} in kernelspec env values (operator text, as in the seed's examples)
@@ -162,8 +162,8 @@ class LocalLaunch(LaunchHandle):
 class SshLaunch(LaunchHandle):
     """The script run by `/bin/sh -s` on a channel of the pooled SSH connection."""
 
-    def __init__(self, channel: paramiko.Channel, pid: int, rest: bytes) -> None:
-        self.channel, self.pid, self._rest = channel, pid, rest
+    def __init__(self, pool: SshPool, channel: paramiko.Channel, pid: int, rest: bytes) -> None:
+        self.pool, self.channel, self.pid, self._rest = pool, channel, pid, rest
 
     @classmethod
     async def start(cls, pool: SshPool, entry: str, script: str) -> SshLaunch:
@@ -193,7 +193,7 @@ class SshLaunch(LaunchHandle):
                 raise OSError(f"unexpected output from the launch shell on {entry}: {first.decode()!r}")
             return channel, int(first.split()[1]), rest
 
-        return cls(*await in_thread(begin))
+        return cls(pool, *await pool.call(begin))
 
     async def exited(self) -> LaunchOutcome:
         def drain() -> LaunchOutcome:
@@ -201,7 +201,7 @@ class SshLaunch(LaunchHandle):
             err = _read_all(self.channel.recv_stderr)
             return _parse_outcome(out.decode(errors="replace"), err.decode(errors="replace"))
 
-        return await in_thread(drain)
+        return await self.pool.call(drain)
 
     def detach(self) -> None:
         close_quietly(self.channel)

@@ -11,10 +11,9 @@ import contextlib
 import secrets
 import shlex
 import socket
-import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +21,10 @@ from typing import Any
 
 import paramiko
 
-from .provisioner import parse_port_range
+from .config import parse_port_range
+from .hosts import Host
 from .specs import manifest
-from .ssh import CommandResult, SshError, SshPool, close_quietly, is_local, send_eof
+from .ssh import SshError, SshPool, close_quietly
 
 CHECKS = ("ssh", "spec", "interpreter", "spark-submit", "callback", "ports")
 MANIFEST = (
@@ -178,68 +178,6 @@ class _Listener:
         self.sock.close()
 
 
-class Host:
-    """Runs commands on one `remote_hosts` entry: over its pooled SSH connection, or here for a local entry."""
-
-    def __init__(self, entry: str, pool: SshPool) -> None:
-        self.entry, self.pool = entry, pool
-        self.local = is_local(entry, pool.settings)
-
-    def connect(self) -> str:
-        """Log in (raises SshError saying what to fix); returns who we are there."""
-        if self.local:
-            return "this machine: no SSH"
-        transport = self.pool.client(self.entry).get_transport()
-        assert transport is not None
-        return f"{transport.get_username()}@{self.pool.peer_address(self.entry)}"
-
-    def run(self, command: str, stdin: bytes = b"", timeout: float = 30.0) -> CommandResult:
-        if not self.local:
-            return self.pool.run(self.entry, command, stdin, timeout)
-        try:
-            proc = subprocess.run(["/bin/sh", "-c", command], input=stdin, capture_output=True, timeout=timeout)
-        except subprocess.TimeoutExpired as exc:
-            raise SshError(f"command did not finish within {timeout:g} s: {command!r}") from exc
-        return CommandResult(proc.returncode, proc.stdout.decode(errors="replace"), proc.stderr.decode("replace"))
-
-    def stream(self, command: str, stdin: bytes, timeout: float) -> Iterator[str]:
-        """Start `command`, feed it `stdin`, and yield its output lines as they come."""
-        if self.local:
-            proc = subprocess.Popen(
-                ["/bin/sh", "-c", command], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
-            )
-            assert proc.stdin and proc.stdout
-            proc.stdin.write(stdin)
-            proc.stdin.close()
-            try:
-                yield from (line.decode(errors="replace") for line in proc.stdout)
-            finally:
-                proc.kill()
-                proc.wait()
-            return
-        channel = self.pool.open_session(self.entry, command)
-        try:
-            channel.settimeout(timeout)
-            channel.sendall(stdin)
-            send_eof(channel)
-            for line in channel.makefile("rb"):
-                yield line.decode(errors="replace")
-        finally:
-            channel.close()
-
-    def gateway_address(self) -> str:
-        """Our address as this host reaches it (what the provisioner gives kernels to call back to)."""
-        if self.local:
-            return "127.0.0.1"
-        address = self.pool.local_address(self.entry)
-        if not address:
-            raise SshError(f"cannot tell which address {self.entry} reaches this machine at (ProxyJump?)")
-        return address
-
-    def address(self) -> str:
-        return "127.0.0.1" if self.local else self.pool.peer_address(self.entry)
-
-
 # ------------------------------------------------------------------------------------------------ manifests
 def remote_manifest(host: Host, path: Path) -> dict[str, tuple[str, bool]] | None:
     """What `specs.manifest` would say on the host, or None when the directory is not there."""
@@ -354,6 +292,8 @@ def _check_spark_submit(host: Host, spec: Spec) -> Outcome:
 def _check_callback(host: Host, spec: Spec, settings: Settings) -> Outcome:
     try:
         address = settings.response_ip or host.gateway_address()
+        if not address:
+            raise SshError(f"cannot tell which address {host.entry} reaches this machine at (ProxyJump?)")
         listener = settings.listener(address)
     except OSError as exc:
         return fail(

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import protocol
 from .resources import data_dir
 
 LANGUAGES = {"python": "python", "r": "R", "scala": "scala"}  # key -> kernel.json "language"
@@ -393,6 +394,7 @@ def _fill(opts: SpecOptions, install_dir: Path, staging: Path) -> None:
     for path, subdir in _launcher_files(opts.language):
         (staging / subdir).mkdir(exist_ok=True)
         shutil.copy2(path, staging / subdir / path.name)
+    shutil.copy2(protocol.__file__, staging / "scripts" / protocol.HOST_COPY)  # the listener's wire protocol
     if opts.toree_jar:
         (staging / "lib").mkdir(exist_ok=True)
         shutil.copy2(opts.toree_jar, staging / "lib" / Path(opts.toree_jar).name)

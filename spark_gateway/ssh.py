@@ -22,13 +22,10 @@ from typing import Any, TypeVar
 
 import paramiko
 
-from .health import Health
-
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 LOCAL_NAMES = {"localhost", "127.0.0.1", "::1", "localhost.localdomain"}
-_executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="sg-ssh")
 
 
 class SshError(RuntimeError):
@@ -68,11 +65,6 @@ def split_host_port(entry: str) -> tuple[str, int | None]:
             raise ValueError(f"remote host entry {entry!r}: port must be a number from 1 to 65535")
         return host, int(port)
     return entry, None
-
-
-async def in_thread(fn: Callable[..., T], *args: Any) -> T:
-    """Run a blocking call in the SSH thread pool."""
-    return await asyncio.get_running_loop().run_in_executor(_executor, fn, *args)
 
 
 @dataclass
@@ -147,9 +139,9 @@ def _default_keys() -> list[str]:
 class SshPool:
     """One live paramiko connection per host entry, re-established when it breaks."""
 
-    def __init__(self, settings: SshSettings) -> None:
+    def __init__(self, settings: SshSettings, threads: int = 32) -> None:
         self.settings = settings
-        self.health = Health()  # what these credentials learnt about reaching each host
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sg-ssh")
         self._clients: dict[str, paramiko.SSHClient] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
@@ -170,6 +162,10 @@ class SshPool:
             client = self._connect(resolve(entry, self.settings))
             self._clients[entry] = client
             return client
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking call (paramiko, or anything that may block) in this pool's threads."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def drop(self, entry: str) -> None:
         """Forget a connection (it is broken or the host is going away)."""

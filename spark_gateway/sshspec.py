@@ -10,20 +10,15 @@ from typing import Any, NoReturn
 
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_core.application import JupyterApp, base_aliases, base_flags
-from traitlets import Bool, Float, Integer, List, Set, Unicode, default
+from traitlets import Bool, Float, Unicode, default
 
 from . import __version__, specs
-from .provisioner import parse_port_range
+from .config import AccessOptions, CallbackOptions, SshOptions, parse_port_range
 from .spechosts import Settings, Spec, check, sync
 from .specs import SpecError, SpecOptions
-from .ssh import SshPool, SshSettings
+from .ssh import SshPool
 
 PROVISIONER = specs.PROVISIONER
-
-
-def _env_list(name: str, fallback: list[str]) -> list[str]:
-    value = os.environ.get(name)
-    return [v.strip() for v in value.split(",") if v.strip()] if value is not None else fallback
 
 
 class _App(JupyterApp):
@@ -45,8 +40,8 @@ class _App(JupyterApp):
         raise SystemExit(1)  # for type checkers: exit() does not return
 
 
-class BaseSpecApp(_App):
-    """Options of the commands that write kernelspecs."""
+class BaseSpecApp(AccessOptions, _App):
+    """Options of the commands that write kernelspecs (plus the shared ones of `config.AccessOptions`)."""
 
     user = Bool(False, config=True, help="Install into the per-user kernels directory (jupyter --data-dir).")
     prefix = Unicode(config=True, help="Install into PREFIX/share/jupyter/kernels/ (e.g. an environment).")
@@ -60,11 +55,7 @@ class BaseSpecApp(_App):
         help="Absolute path of the kernel's interpreter on the hosts (python, or Rscript for R). "
         "Default: the Python running this command; Rscript from PATH.",
     )
-    spark_home = Unicode(
-        os.environ.get("SPARK_HOME", "/opt/spark"),
-        config=True,
-        help="Where Spark is installed on the hosts (SPARK_HOME).",
-    )
+    spark_home = Unicode(config=True, help="Where Spark is installed on the hosts (SPARK_HOME; else /opt/spark).")
     spark_init_mode = Unicode("lazy", config=True, help="When the Spark context is created: lazy, eager or none.")
     toree_jar = Unicode(
         config=True,
@@ -72,32 +63,13 @@ class BaseSpecApp(_App):
         "package beside --spark-home's pyspark, or importable here.",
     )
     extra_spark_opts = Unicode(config=True, help="More spark-submit options, added to SPARK_OPTS.")
-    authorized_users = Set(
-        Unicode(),
-        set(_env_list("GP_AUTHORIZED_USERS", [])),
-        config=True,
-        help="Only these KERNEL_USERNAMEs may start the kernel (GP_AUTHORIZED_USERS).",
-    )
-    unauthorized_users = Set(
-        Unicode(),
-        set(_env_list("GP_UNAUTHORIZED_USERS", ["root"])),
-        config=True,
-        help="These KERNEL_USERNAMEs may not start the kernel (GP_UNAUTHORIZED_USERS).",
-    )
-    port_range = Unicode(
-        os.environ.get("GP_PORT_RANGE", "0..0"),
-        config=True,
-        help="Kernel ports LOWER..UPPER (>= 1000 ports), or 0..0 for any port (GP_PORT_RANGE).",
-    )
-    launch_timeout = Integer(
-        int(os.environ.get("GP_LAUNCH_TIMEOUT", "30")),
-        config=True,
-        help="Seconds a kernel may take to report back (GP_LAUNCH_TIMEOUT); unless given, Spark specs keep "
-        "their template's longer timeout.",
-    )
     ipykernel_subclass_name = Unicode(
         specs.DEFAULT_KERNEL_CLASS, config=True, help="Python kernels: the ipykernel Kernel class to run."
     )
+
+    @default("spark_home")
+    def _spark_home_default(self) -> str:
+        return os.environ.get("SPARK_HOME", "/opt/spark")
 
     aliases = {
         **base_aliases,
@@ -138,8 +110,9 @@ class BaseSpecApp(_App):
             raise SpecError(str(exc)) from None
         defaults = self.trait_defaults("authorized_users", "unauthorized_users", "port_range")
         config: dict[str, Any] = {}
-        if self.given("launch_timeout") or "GP_LAUNCH_TIMEOUT" in os.environ:
-            config["launch_timeout"] = self.launch_timeout  # otherwise the template's (longer for Spark)
+        if self.given("launch_timeout") or "GP_LAUNCH_TIMEOUT" in os.environ:  # else the template's (longer for Spark)
+            seconds = self.launch_timeout
+            config["launch_timeout"] = int(seconds) if seconds.is_integer() else seconds
         if remote_hosts is not None:
             config["remote_hosts"] = remote_hosts
         for name in ("authorized_users", "unauthorized_users"):
@@ -161,13 +134,6 @@ jupyter ssh-spec install --spark --spark-master spark://10.0.0.5:7077 --spark-ho
 jupyter ssh-spec install --language R --spark --spark-master yarn --user
 """
 
-    remote_hosts = List(
-        Unicode(),
-        _env_list("GP_REMOTE_HOSTS", ["localhost"]),
-        config=True,
-        help="Hosts the kernels may run on; repeat the option for each (--remote-hosts a --remote-hosts b). "
-        "The default comes from GP_REMOTE_HOSTS (comma-separated).",
-    )
     spark_master = Unicode(
         "yarn", config=True, help="Spark master for --spark: yarn (client mode), spark://HOST:PORT or local[*]."
     )
@@ -299,8 +265,8 @@ def find_spec(arg: str) -> Path:
     return Path(found)
 
 
-class SshSpecChecker(_App):
-    """Preflight of kernelspecs on every remote host they name."""
+class SshSpecChecker(SshOptions, AccessOptions, CallbackOptions, _App):
+    """Preflight of kernelspecs on every remote host they name (options shared with the provisioner: `config`)."""
 
     name = "jupyter-ssh-spec-check"
     description = (
@@ -310,39 +276,15 @@ class SshSpecChecker(_App):
     )
     examples = "jupyter ssh-spec check ssh_python ssh_python_spark --ssh-config ~/.ssh/config\n"
 
-    ssh_config = Unicode(
-        os.environ.get("GP_SSH_CONFIG_FILE", "~/.ssh/config"), config=True, help="OpenSSH client config to honour."
-    )
-    remote_user = Unicode(
-        os.environ.get("GP_REMOTE_USER", ""), config=True, help="SSH user; default: ssh_config's User, else ours."
-    )
-    ssh_port = Integer(
-        int(os.environ.get("GP_SSH_PORT", "22")), config=True, help="SSH port where neither entry nor config has one."
-    )
-    connect_timeout = Float(
-        float(os.environ.get("GP_SSH_CONNECT_TIMEOUT", "5")), config=True, help="Seconds to reach a host over SSH."
-    )
     timeout = Float(10.0, config=True, help="Seconds each network probe may take.")
-    remote_hosts = List(
-        Unicode(), _env_list("GP_REMOTE_HOSTS", ["localhost"]), config=True, help="Hosts of specs that name none."
-    )
-    port_range = Unicode(
-        os.environ.get("GP_PORT_RANGE", "0..0"), config=True, help="Kernel port range of specs that set none."
-    )
-    response_ip = Unicode(
-        os.environ.get("GP_RESPONSE_IP", ""),
-        config=True,
-        help="Address hosts call the gateway back at; default: ours as each host sees it.",
-    )
-    response_port = Integer(
-        int(os.environ.get("GP_RESPONSE_PORT", "8877")),
-        config=True,
-        help="Port tried first for the stand-in response server (a free one if it is taken).",
-    )
 
-    _options = ("ssh_config", "remote_user", "ssh_port", "connect_timeout", "timeout", "remote_hosts", "port_range")
-    _options += ("response_ip", "response_port")
-    aliases = {**base_aliases, **{name.replace("_", "-"): f"SshSpecChecker.{name}" for name in _options}}
+    _options = ("remote_user", "ssh_port", "timeout", "remote_hosts", "port_range", "response_ip", "response_port")
+    aliases = {
+        **base_aliases,
+        **{name.replace("_", "-"): f"SshSpecChecker.{name}" for name in _options},
+        "ssh-config": "SshSpecChecker.ssh_config_file",
+        "connect-timeout": "SshSpecChecker.ssh_connect_timeout",
+    }
     flags = {"debug": base_flags["debug"]}
 
     def targets(self) -> list[Spec]:
@@ -367,8 +309,7 @@ class SshSpecChecker(_App):
         return result
 
     def settings(self) -> Settings:
-        ssh = SshSettings(self.ssh_config, self.ssh_port, self.remote_user, connect_timeout=self.connect_timeout)
-        return Settings(SshPool(ssh), self.response_ip, self.response_port, self.timeout)
+        return Settings(SshPool(self.ssh_settings()), self.response_ip, self.response_port, self.timeout)
 
     def start(self) -> None:
         try:

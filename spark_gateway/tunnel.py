@@ -17,10 +17,6 @@ import paramiko
 
 from .ssh import send_eof
 
-# per connection: host-side forwarded port -> the local port of the callback server it leads to
-_reverse: weakref.WeakKeyDictionary[paramiko.Transport, dict[int, int]] = weakref.WeakKeyDictionary()
-_reverse_lock = threading.Lock()
-
 
 def _half_close(end: Any) -> None:
     with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
@@ -55,17 +51,30 @@ def splice(sock: socket.socket, channel: paramiko.Channel) -> None:
         threading.Thread(target=pump, args=(src, dst), daemon=True, name="sg-tunnel").start()
 
 
-def callback_forward(transport: paramiko.Transport, local_port: int) -> int:
-    """The port on the host's 127.0.0.1 that leads back to our callback server at `local_port`."""
-    with _reverse_lock:
-        routes = _reverse.setdefault(transport, {})
-        for remote, local in routes.items():
-            if local == local_port:
-                return remote
+class CallbackForwards:
+    """Remote forwards that lead kernels' callbacks back to our callback server, per pooled connection.
 
+    paramiko keeps one forwarding handler per connection, so ours routes by the host-side port the kernel dialled.
+    """
+
+    def __init__(self) -> None:
+        self._routes: weakref.WeakKeyDictionary[paramiko.Transport, dict[int, int]] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    def port(self, transport: paramiko.Transport, local_port: int) -> int:
+        """The port on the host's 127.0.0.1 that leads back to our callback server at `local_port`. Blocking."""
+        with self._lock:
+            routes = self._routes.setdefault(transport, {})
+            for remote, local in routes.items():
+                if local == local_port:
+                    return remote
+            remote = transport.request_port_forward("127.0.0.1", 0, handler=self._arrived_on(transport))
+            routes[remote] = local_port
+            return remote
+
+    def _arrived_on(self, transport: paramiko.Transport) -> Any:
         def arrived(channel: paramiko.Channel, origin: Any, server: Any) -> None:
-            # paramiko has one handler per connection: route by the host-side port the kernel connected to
-            target = _reverse.get(transport, {}).get(server[1])
+            target = self._routes.get(transport, {}).get(server[1])
             try:
                 if target is None:
                     raise OSError(f"no callback route for port {server[1]}")
@@ -73,9 +82,7 @@ def callback_forward(transport: paramiko.Transport, local_port: int) -> int:
             except OSError:
                 channel.close()
 
-        remote = transport.request_port_forward("127.0.0.1", 0, handler=arrived)
-        routes[remote] = local_port
-        return remote
+        return arrived
 
 
 class Tunnels:

@@ -16,7 +16,7 @@ from jupyter_client import AsyncKernelManager
 from jupyter_client.kernelspec import KernelSpecManager
 from traitlets.config import Config
 
-from spark_gateway import provisioner
+from spark_gateway.gateway import Gateway
 from spark_gateway.health import Health
 from spark_gateway.specs import write_spec
 from tests.hostlab import HostLab, LabHost
@@ -38,8 +38,8 @@ def lab() -> Iterator[HostLab]:
 @pytest.fixture(autouse=True)
 def fresh_host_health() -> None:
     """Each test starts as a fresh gateway would: no host remembered as failed by an earlier test."""
-    for pool in provisioner._pools.values():
-        pool.health = Health()
+    for cluster in Gateway.instance().clusters():
+        cluster.health = Health()
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ import pytest
 import pytest_asyncio
 from jupyter_client.asynchronous import AsyncKernelClient
 
+from spark_gateway import protocol
 from spark_gateway.callback import ResponseServer
 from spark_gateway.control import control_request
 
@@ -39,6 +40,7 @@ class Launcher:
         self.scripts = tmp / "scripts"  # deployed layout: both scripts in one directory
         self.scripts.mkdir()
         shutil.copy(SHARED / "server_listener.py", self.scripts)
+        shutil.copy(protocol.__file__, self.scripts / protocol.HOST_COPY)
         shutil.copy(ROOT / "kernel-launchers" / "python" / "scripts" / "launch_ipykernel.py", self.scripts)
         self.procs: list[subprocess.Popen[bytes]] = []
 

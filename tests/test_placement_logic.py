@@ -7,7 +7,7 @@ import time
 import pytest
 
 from spark_gateway.health import Health
-from spark_gateway.placement import HostReport, HostSelector, PlacementError
+from spark_gateway.placement import HostReport, HostSelector, PlacementError, check_pin
 
 INVENTORY = """--kernel-id 1111-aaaa
 --kernel-id 2222-bbbb
@@ -35,14 +35,14 @@ def test_an_empty_grep_still_parses():
     assert HostReport.parse("--\n" + INVENTORY.split("--\n")[1]).kernel_ids == frozenset()
 
 
-def test_round_robin_skips_unusable_hosts_and_pins_do_not_advance():
+def test_round_robin_skips_unusable_hosts_and_pins_are_checked_against_the_configured_hosts():
     sel = HostSelector()
     hosts = ["a", "b", "c"]
     assert [sel.round_robin(hosts, hosts) for _ in range(4)] == ["a", "b", "c", "a"]
-    assert sel.pin(hosts, "c") == "c"
+    assert check_pin(hosts, "c") == "c"
     assert sel.round_robin(hosts, ["a", "c"]) == "c"  # b is down: passed over
     with pytest.raises(PlacementError, match="not one of the configured"):
-        sel.pin(hosts, "evil")
+        check_pin(hosts, "evil")
 
 
 def test_least_connection_counts_running_and_in_flight_kernels():
@@ -80,11 +80,11 @@ def test_least_load_prefers_headroom_and_counts_launches_in_flight():
 
 
 def test_quarantine_doubles_and_expires():
-    health = Health(base=0.05, ceiling=0.15)
-    assert health.failed("h", "refused") == pytest.approx(0.05)
+    health = Health(ceiling=0.15)
+    assert health.failed("h", "refused", 0.05) == pytest.approx(0.05)
     assert "refused" in (health.quarantined("h") or "")
-    assert health.failed("h", "refused") == pytest.approx(0.10)
-    assert health.failed("h", "refused") == pytest.approx(0.15)  # ceiling
+    assert health.failed("h", "refused", 0.05) == pytest.approx(0.10)
+    assert health.failed("h", "refused", 0.05) == pytest.approx(0.15)  # ceiling
     time.sleep(0.16)
     assert health.quarantined("h") is None and health.suspect("h")  # probe before use
     health.recovered("h")

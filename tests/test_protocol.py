@@ -21,8 +21,9 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from spark_gateway.callback import MAX_PAYLOAD, PayloadError, ResponseServer, decrypt_payload, generate_key_pair
-from spark_gateway.control import ControlError, ControlRefused, control_request, request_mac
+from spark_gateway.callback import PayloadError, ResponseServer, decrypt_payload, generate_key_pair
+from spark_gateway.control import ControlError, ControlRefused, control_request
+from spark_gateway.protocol import MAX_MESSAGE, request_mac
 from tests.conftest import wait_for
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "kernel-launchers" / "shared" / "scripts"
@@ -104,7 +105,7 @@ async def test_round_trip_resolves_future(server: tuple[ResponseServer, int]) ->
 Case = Callable[[ResponseServer, str], bytes]
 BAD_CASES: dict[str, tuple[Case, str]] = {
     "garbage": (lambda srv, token: b"\x00\xffnot json{", "not JSON"),
-    "oversize": (lambda srv, token: b" " * (MAX_PAYLOAD + 1), "larger than"),
+    "oversize": (lambda srv, token: b" " * (MAX_MESSAGE + 1), "larger than"),
     "ciphertext": (lambda srv, token: tamper(sealed(srv, "kb", token)[0], "data"), "authentication failed"),
     "tag": (lambda srv, token: tamper(sealed(srv, "kb", token)[0], "tag"), "authentication failed"),
     "wrapped key": (lambda srv, token: tamper(sealed(srv, "kb", token)[0], "key"), "cannot unwrap"),

@@ -24,7 +24,7 @@ import requests
 from jupyter_client import AsyncKernelClient, AsyncKernelManager
 from jupyter_client.session import Session
 
-from spark_gateway.provisioner import ProvisionerError
+from spark_gateway.errors import ProvisionerError
 from spark_gateway.specs import SpecOptions, install
 from tests.conftest import env, kernel_processes, wait_for
 from tests.hostlab import HostLab

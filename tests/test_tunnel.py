@@ -65,7 +65,7 @@ async def test_tunneled_kernel_works_through_ssh_alone(walled_host, managers):
         assert reply["content"]["ename"] == "KeyboardInterrupt"
     finally:
         kc.stop_channels()
-    assert await km.provisioner._control("poll") == {"ok": True, "alive": True}
+    assert await km.provisioner.control("poll") == {"ok": True, "alive": True}
     await km.shutdown_kernel()
     assert wait_for(lambda: not kernel_processes(walled_host, km.kernel_id), 1.0)
     assert not [p for p, cmd in walled_host.processes() if "ssh" not in cmd and km.kernel_id in cmd]

@@ -19,7 +19,6 @@ import base64
 import contextlib
 import errno
 import glob
-import hashlib
 import hmac
 import json
 import logging
@@ -36,14 +35,32 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
+
+def _load_protocol() -> Any:
+    """The protocol definition: `sg_protocol.py` beside this script (a kernelspec), else the package's (a checkout)."""
+    try:
+        import sg_protocol
+
+        return sg_protocol
+    except ImportError:
+        import importlib.util
+        from pathlib import Path
+
+        path = Path(__file__).resolve().parents[3] / "spark_gateway" / "protocol.py"
+        spec = importlib.util.spec_from_file_location("sg_protocol", path)
+        if spec is None or spec.loader is None or not path.is_file():
+            raise
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+
+protocol = _load_protocol()
 log = logging.getLogger("server_listener")
 
-PROTOCOL_VERSION = 1
-AAD_PREFIX = b"spark_gateway/v1|"
-MAX_MESSAGE = 64 * 1024
-KERNEL_PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
-CONTROL_OPS = ("poll", "signal", "shutdown", "info")
-INFO_MAX_WAIT = 4.0  # seconds an `info` request may wait for news (below the client's 5 s timeout)
+MAX_MESSAGE = protocol.MAX_MESSAGE
+KERNEL_PORT_NAMES = protocol.PORT_NAMES
+INFO_MAX_WAIT = protocol.INFO_MAX_WAIT
 SHUTDOWN_GRACE = 1.0
 
 
@@ -203,14 +220,14 @@ def encrypt_payload(public_key_b64: str, kernel_id: str, plaintext: dict[str, An
     aes_key = secrets.token_bytes(32)
     nonce = secrets.token_bytes(12)
     cipher = AES.new(aes_key, AES.MODE_GCM, nonce=nonce)
-    cipher.update(AAD_PREFIX + kernel_id.encode())
+    cipher.update(protocol.aad(kernel_id))
     data, tag = cipher.encrypt_and_digest(json.dumps(plaintext).encode())
 
     def b64(raw: bytes) -> str:
         return base64.b64encode(raw).decode()
 
     envelope = {
-        "v": PROTOCOL_VERSION,
+        "v": protocol.VERSION,
         "kernel_id": kernel_id,
         "key": b64(PKCS1_OAEP.new(rsa_key, hashAlgo=SHA256).encrypt(aes_key)),
         "nonce": b64(nonce),
@@ -218,14 +235,6 @@ def encrypt_payload(public_key_b64: str, kernel_id: str, plaintext: dict[str, An
         "tag": b64(tag),
     }
     return json.dumps(envelope).encode()
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    """Split ``host:port`` (IPv6 hosts in brackets)."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"invalid address {address!r}: expected host:port")
-    return host.strip("[]"), int(port)
 
 
 def send_connection_info(
@@ -240,7 +249,7 @@ def send_connection_info(
     """Encrypt and deliver the connection info; raise CallbackError unless the gateway answers ok."""
     plaintext = {"kernel_id": kernel_id, "launch_token": launch_token, **payload_fields}
     envelope = encrypt_payload(public_key_b64, kernel_id, plaintext)
-    reply = _deliver(parse_address(response_address), envelope, timeout, attempts)
+    reply = _deliver(protocol.parse_address(response_address), envelope, timeout, attempts)
     try:
         answer = json.loads(reply)
     except ValueError:
@@ -334,17 +343,6 @@ def _recv_line(sock: socket.socket, deadline: float, limit: int) -> bytes:
     return buf.split(b"\n", 1)[0]
 
 
-def canonical_request(op: str, args: dict[str, Any]) -> str:
-    """The signed form of a control request."""
-    return json.dumps({"op": op, "args": args}, sort_keys=True, separators=(",", ":"))
-
-
-def request_mac(secret: bytes, challenge: str, op: str, args: dict[str, Any]) -> str:
-    """hex HMAC-SHA256(secret, challenge + "\\n" + canonical)."""
-    message = f"{challenge}\n{canonical_request(op, args)}".encode()
-    return hmac.new(secret, message, hashlib.sha256).hexdigest()
-
-
 class ControlListener:
     """Authenticated control listener (poll / signal / shutdown / info) for one kernel process.
 
@@ -436,9 +434,9 @@ class ControlListener:
         op, args, mac = request.get("op"), request.get("args", {}), request.get("mac")
         if not isinstance(op, str) or not isinstance(args, dict) or not isinstance(mac, str):
             raise _Ignored("bad request: need op (str), args (object), mac (str)")
-        if not hmac.compare_digest(mac, request_mac(self.secret, challenge, op, args)):
+        if not hmac.compare_digest(mac, protocol.request_mac(self.secret, challenge, op, args)):
             raise _Ignored(f"bad MAC for op {op!r}")
-        if op not in CONTROL_OPS:
+        if op not in protocol.CONTROL_OPS:
             raise _Ignored(f"unknown op {op!r}")
         return op, args
 

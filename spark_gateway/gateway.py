@@ -1,0 +1,169 @@
+"""The gateway: what one process shares between every kernel it manages, owned by one object.
+
+`Gateway.instance()` holds the RSA key pair, one `Cluster` per set of SSH settings (pooled connections, `Host`s,
+their health, cleanups owed to them) and, per event loop, the callback server with its ports, the reapers retrying
+owed cleanups and the host inventories that concurrent launches share. `Gateway.reset()` gives tests a fresh one.
+Nothing here is about one kernel: that is `provisioner.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+from traitlets.config import SingletonConfigurable
+
+from . import callback
+from .health import Health
+from .hosts import Host
+from .placement import KERNEL_INVENTORY, HostReport, HostSelector
+from .ssh import SshError, SshPool, SshSettings
+from .tunnel import CallbackForwards
+
+INVENTORY_SHARING = 0.5  # seconds during which launches reuse a host's inventory
+HOST_ERRORS = (SshError, OSError, asyncio.TimeoutError)
+
+
+class Cluster:
+    """The hosts one set of SSH settings reaches: the pool of connections, each entry's `Host`, their health."""
+
+    def __init__(self, settings: SshSettings, log: logging.Logger) -> None:
+        self.pool = SshPool(settings)
+        self.health = Health()
+        self.log = log
+        self._hosts: dict[str, Host] = {}
+        self._lock = threading.Lock()
+
+    def host_now(self, entry: str) -> Host:
+        """The entry's `Host` (blocking: the first call may ask DNS whether it is this machine)."""
+        with self._lock:
+            if entry not in self._hosts:
+                self._hosts[entry] = Host(entry, self.pool)
+            return self._hosts[entry]
+
+    async def host(self, entry: str) -> Host:
+        known = self._hosts.get(entry)
+        return known if known is not None else await self.pool.call(self.host_now, entry)
+
+    def failed(self, entry: str, reason: str, base: float) -> None:
+        """Quarantine a host that could not be used (base: the caller's host_quarantine) and drop its connection."""
+        seconds = self.health.failed(entry, reason, base)
+        self.log.warning("host %s is unavailable (%s): left alone for %.0f s", entry, reason, seconds)
+        self.pool.drop(entry)
+
+    async def probe(self, entry: str, timeout: float, base: float) -> str | None:
+        """Check a host that failed before and run the cleanups it is owed. Returns the failure, if any."""
+        try:
+            host = await self.host(entry)
+            await host.arun("true", timeout=timeout)
+        except HOST_ERRORS as exc:
+            self.failed(entry, str(exc), base)
+            return str(exc)
+        self.health.recovered(entry)
+        self.log.info("host %s answers again", entry)
+        for command in self.health.take_owed(entry):
+            with contextlib.suppress(*HOST_ERRORS):
+                await host.arun(command)
+        return None
+
+
+@dataclass
+class LoopState:
+    """What is bound to one event loop."""
+
+    server: callback.ResponseServer
+    ports: dict[str, int] = field(default_factory=dict)  # bind address -> callback server port
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    reapers: dict[int, asyncio.Task] = field(default_factory=dict)  # id(cluster) -> its reaper
+    inventories: dict[tuple[int, str], tuple[float, asyncio.Future]] = field(default_factory=dict)
+
+
+class Gateway(SingletonConfigurable):
+    """Per-process state of the provisioner, keyed by SSH settings and by event loop."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.selector = HostSelector()
+        self.callback_forwards = CallbackForwards()
+        self._clusters: dict[tuple, Cluster] = {}
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopState] = weakref.WeakKeyDictionary()
+        self._key: Any = None
+        self._key_lock = threading.Lock()
+
+    @classmethod
+    def reset(cls) -> None:
+        """Forget everything (tests): connections are closed, the next `instance()` starts afresh."""
+        if cls.initialized():
+            for cluster in cls.instance()._clusters.values():
+                cluster.pool.close()
+        cls.clear_instance()
+
+    def cluster(self, settings: SshSettings) -> Cluster:
+        key = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(vars(settings).items()))
+        if key not in self._clusters:
+            self._clusters[key] = Cluster(settings, self.log)
+        return self._clusters[key]
+
+    def clusters(self) -> list[Cluster]:
+        return list(self._clusters.values())
+
+    # -- the key pair and the callback server --
+    def _key_now(self) -> Any:
+        with self._key_lock:  # generated once, even when many launches ask at once
+            if self._key is None:
+                self._key = callback.generate_key_pair()
+        return self._key
+
+    async def private_key(self) -> Any:
+        return self._key if self._key is not None else await asyncio.to_thread(self._key_now)
+
+    async def loop_state(self) -> LoopState:
+        key = await self.private_key()
+        loop = asyncio.get_running_loop()
+        if loop not in self._loops:  # no await between this check and the assignment: one server per loop
+            self._loops[loop] = LoopState(callback.ResponseServer(key))
+        return self._loops[loop]
+
+    async def listen(self, bind: str, first_port: int, retries: int) -> int:
+        """The port our callback server listens on at `bind`, listening there first if need be."""
+        state = await self.loop_state()
+        async with state.lock:
+            if bind not in state.ports:
+                first = next(iter(state.ports.values()), first_port)
+                state.ports[bind] = await state.server.listen(bind, first, retries)
+        return state.ports[bind]
+
+    # -- what hosts run, shared by launches placed at about the same time --
+    async def inventory(self, cluster: Cluster, entry: str, timeout: float) -> HostReport:
+        state = await self.loop_state()
+
+        async def ask() -> HostReport:
+            taken_at = time.monotonic()
+            result = await (await cluster.host(entry)).arun(KERNEL_INVENTORY, timeout=timeout)
+            return HostReport.parse(result.stdout, taken_at)
+
+        started, shared = state.inventories.get((id(cluster), entry), (0.0, None))
+        if shared is None or time.monotonic() - started > INVENTORY_SHARING:
+            shared = asyncio.ensure_future(ask())
+            state.inventories[(id(cluster), entry)] = (time.monotonic(), shared)
+        return await asyncio.shield(shared)
+
+    # -- cleanups owed to hosts that could not be reached --
+    async def ensure_reaper(self, cluster: Cluster, base: float, probe_timeout: float) -> None:
+        """Retry the cluster's owed cleanups until each host answers: one task per cluster and event loop."""
+        state = await self.loop_state()
+        task = state.reapers.get(id(cluster))
+        if task is None or task.done():
+            state.reapers[id(cluster)] = asyncio.ensure_future(self._reap(cluster, base, probe_timeout))
+
+    async def _reap(self, cluster: Cluster, base: float, probe_timeout: float) -> None:
+        while cluster.health.owed:
+            await asyncio.sleep(max(0.5, base / 2))
+            for entry in [h for h in list(cluster.health.owed) if not cluster.health.quarantined(h)]:
+                await cluster.probe(entry, probe_timeout, base)

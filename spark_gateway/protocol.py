@@ -1,0 +1,73 @@
+"""The wire protocol between the gateway and a kernel's launcher, v1 (docs/design.md): defined here, once.
+
+Standard library only: this file is copied into every kernelspec beside the launchers (as `sg_protocol.py`), and
+both sides import it, so the version, the AAD, the port names, the limits, the signed form of a control request
+and the address syntax cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from typing import Any
+
+VERSION = 1
+AAD_PREFIX = b"spark_gateway/v1|"  # AES-GCM associated data of a callback: this prefix + the kernel id
+MAX_MESSAGE = 64 * 1024  # a callback envelope, or one control line, at most
+PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
+CONTROL_OPS = ("poll", "signal", "shutdown", "info")
+INFO_MAX_WAIT = 4.0  # seconds an `info` request may wait for news (below the client's 5 s timeout)
+HOST_COPY = "sg_protocol.py"  # this file's name beside the launchers on the hosts
+
+# The callback envelope, and the plaintext it seals: field -> JSON type(s).
+ENVELOPE_FIELDS = ("v", "kernel_id", "key", "nonce", "data", "tag")
+NONCE_BYTES, TAG_BYTES, AES_KEY_BYTES = 12, 16, 32
+PLAINTEXT_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "kernel_id": str,
+    "launch_token": str,
+    "connection_info": dict,
+    "pid": int,
+    "pgid": int,
+    "hostname": str,
+    "listener_port": int,
+    "listener_secret": str,
+    "connection_file": str,
+    "log_file": (str, type(None)),
+}
+CONNECTION_FIELDS: dict[str, type] = {
+    **dict.fromkeys(PORT_NAMES, int),
+    "ip": str,
+    "key": str,
+    "transport": str,
+    "signature_scheme": str,
+}
+
+
+def aad(kernel_id: str) -> bytes:
+    """The associated data that binds a callback's ciphertext to its kernel id."""
+    return AAD_PREFIX + kernel_id.encode()
+
+
+def canonical_request(op: str, args: dict[str, Any]) -> str:
+    """The signed form of a control request."""
+    return json.dumps({"op": op, "args": args}, sort_keys=True, separators=(",", ":"))
+
+
+def request_mac(secret: bytes, challenge: str, op: str, args: dict[str, Any]) -> str:
+    """hex HMAC-SHA256(secret, challenge + "\\n" + canonical request); the key is the secret's raw bytes."""
+    message = f"{challenge}\n{canonical_request(op, args)}".encode()
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """Split `host:port` (an IPv6 host in brackets: `[::1]:8877`)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"invalid address {address!r}: expected host:port")
+    return host.strip("[]"), int(port)
+
+
+def format_address(host: str, port: int) -> str:
+    """`host:port`, with an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
