@@ -34,7 +34,7 @@ system-deps:  ## Debian packages the real test hosts need (sshd, ip, setsid; R a
 	fi
 
 test: install system-deps  ## the whole suite against real sshd hosts, Spark and Jupyter clients
-	$(VENV)/bin/ruff check spark_gateway kernel-launchers tests bench examples
+	$(VENV)/bin/ruff check spark_gateway kernel-launchers testlab tests bench examples
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 demo: install  ## executes examples/*.ipynb through the provisioner on this machine
@@ -44,9 +44,9 @@ demo-standalone: install system-deps  ## the same notebooks on SSH hosts in name
 	$(PY) -m examples.demo --standalone
 
 bench: install system-deps  ## benchmarks: ratios against references measured in the same run
-	$(PY) bench/launch.py
-	$(PY) bench/placement.py
-	$(PY) bench/spark.py
+	$(PY) -m bench.launch
+	$(PY) -m bench.placement
+	$(PY) -m bench.spark
 
 SPARK_MASTER ?=
 SPECS_DIR ?= build/kernelspecs
@@ -58,8 +58,8 @@ specs: $(VENV)/.installed  ## every kernelspec for SPARK_MASTER (yarn, spark://H
 	$(PY) -m spark_gateway.sshspec build --spark-master='$(SPARK_MASTER)' --output='$(SPECS_DIR)' --dist='$(DIST_DIR)' $(SPECS_OPTS)
 
 lint: install
-	$(VENV)/bin/ruff check spark_gateway kernel-launchers tests bench examples
-	$(VENV)/bin/ruff format --check spark_gateway kernel-launchers tests bench examples
+	$(VENV)/bin/ruff check spark_gateway kernel-launchers testlab tests bench examples
+	$(VENV)/bin/ruff format --check spark_gateway kernel-launchers testlab tests bench examples
 
 clean:
 	rm -rf build dist .pytest_cache

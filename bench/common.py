@@ -14,10 +14,9 @@ from pathlib import Path
 import zmq
 from jupyter_client import AsyncKernelManager
 from jupyter_client.kernelspec import KernelSpecManager
-from traitlets.config import Config
 
-from spark_gateway.specs import write_spec
-from tests.hostlab import HostLab
+from testlab.gateway import gateway_config, write_spec
+from testlab.hostlab import HostLab
 
 Managers = Callable[[str], AsyncKernelManager]
 
@@ -33,11 +32,7 @@ def bench_lab(hosts: int, **config: object) -> Iterator[tuple[HostLab, Path, Man
             write_spec(kernels / "ssh_python")
             write_local_spec(kernels)
             ksm = KernelSpecManager(kernel_dirs=[str(kernels)])
-            cfg = Config()
-            cfg.DistributedProvisioner.ssh_config_file = str(lab.ssh_config)
-            cfg.DistributedProvisioner.remote_hosts = [h.name for h in lab.hosts]
-            for key, value in config.items():
-                setattr(cfg.DistributedProvisioner, key, value)
+            cfg = gateway_config(lab, **{"host_quarantine": 5.0, **config})  # the default quarantine
 
             def manager(name: str) -> AsyncKernelManager:
                 return AsyncKernelManager(kernel_name=name, kernel_spec_manager=ksm, config=cfg)

@@ -10,14 +10,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import sys
 import time
-from pathlib import Path
 
 from jupyter_client import AsyncKernelManager
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import bench_lab, until_ready  # noqa: E402
+from bench.common import bench_lab, until_ready
 
 USER = {"KERNEL_USERNAME": "bench"}
 

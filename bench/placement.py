@@ -11,12 +11,10 @@ import asyncio
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 from jupyter_client import AsyncKernelManager
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import bench_lab, until_ready  # noqa: E402
+from bench.common import bench_lab, until_ready
 
 
 async def burst(kms: list[AsyncKernelManager], env: dict[str, str], midway=None) -> tuple[float, list]:

@@ -24,11 +24,10 @@ from pathlib import Path
 
 from jupyter_client import AsyncKernelManager
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import bench_lab, until_ready  # noqa: E402
-from spark_gateway.specs import SpecOptions, install  # noqa: E402
-from tests.hostlab import LabHost  # noqa: E402
-from tests.spark_cluster import SPARK_HOME  # noqa: E402
+from bench.common import bench_lab, until_ready
+from spark_gateway.specs import SpecOptions, install
+from testlab.hostlab import LabHost
+from testlab.spark_cluster import SPARK_HOME
 
 ENV = {"KERNEL_USERNAME": "bench"}
 BARE_SCRIPT = "from pyspark.sql import SparkSession\nSparkSession.builder.getOrCreate()\nprint('READY', flush=True)\n"

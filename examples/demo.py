@@ -42,9 +42,8 @@ def embedded(work: Path) -> Iterator[tuple[str, dict[str, str]]]:
 @contextlib.contextmanager
 def standalone(work: Path) -> Iterator[tuple[str, dict[str, str]]]:
     """Three SSH hosts in network namespaces; a standalone master and two workers on the last one."""
-    sys.path.insert(0, str(HERE.parent))
-    from tests.hostlab import HostLab
-    from tests.spark_cluster import SparkCluster
+    from testlab.hostlab import HostLab  # run as `python -m examples.demo` from the repository root
+    from testlab.spark_cluster import SparkCluster
 
     lab = HostLab.start(3)
     try:

@@ -57,6 +57,7 @@ class DistributedProvisioner(GatewayOptions, KernelProvisionerBase):  # type: ig
     _exit_status: int | None = None
     _unreachable_since: float | None = None
     _tunnels: tunnel.Tunnels | None = None
+    _cluster: tuple[Gateway, Cluster] | None = None
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -71,7 +72,10 @@ class DistributedProvisioner(GatewayOptions, KernelProvisionerBase):  # type: ig
     @property
     def cluster(self) -> Cluster:
         """The hosts as this kernel's SSH settings reach them (kernelspecs may differ in SSH settings)."""
-        return self.gateway.cluster(self.ssh_settings())
+        gateway = self.gateway
+        if self._cluster is None or self._cluster[0] is not gateway:  # settled once per gateway (reset in tests)
+            self._cluster = (gateway, gateway.cluster(self.ssh_settings()))
+        return self._cluster[1]
 
     async def _host(self, entry: str) -> Host:
         return await self.cluster.host(entry)

@@ -552,33 +552,3 @@ def manifest(root: Path) -> dict[str, tuple[str, bool]]:
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
             result[path.relative_to(root).as_posix()] = (digest, bool(path.stat().st_mode & stat.S_IXUSR))
     return result
-
-
-# ------------------------------------------------------------------------------------------------ tests' helper
-def write_spec(
-    dest: Path,
-    template: str = "ssh_python",
-    *,
-    python: str = sys.executable,
-    config: dict[str, Any] | None = None,
-    env: dict[str, str] | None = None,
-    display_name: str | None = None,
-    replace: bool = False,
-) -> Path:
-    """A plain Python spec at `dest` (the fixture the provisioner tests use), with optional env and config."""
-    if template != "ssh_python":
-        raise SpecError(f"write_spec builds ssh_python only (got {template!r}); use install() for other specs")
-    dest = Path(os.path.abspath(dest))
-    options = SpecOptions(
-        kernel_name=dest.name, display_name=display_name or "", interpreter=python, config=config or {}
-    )
-    opts, _ = options.resolve()
-
-    def fill(staging: Path) -> None:
-        _fill(opts, dest, staging)
-        if env:
-            spec = json.loads((staging / "kernel.json").read_text())
-            spec["env"].update(env)
-            (staging / "kernel.json").write_text(json.dumps(spec, indent=2) + "\n")
-
-    return place(dest, fill, replace)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -14,15 +13,14 @@ import pytest
 import pytest_asyncio
 from jupyter_client import AsyncKernelManager
 from jupyter_client.kernelspec import KernelSpecManager
-from traitlets.config import Config
 
 from spark_gateway.gateway import Gateway
 from spark_gateway.health import Health
-from spark_gateway.specs import write_spec
-from tests.hostlab import HostLab, LabHost
-from tests.spark_cluster import spark_cluster  # noqa: F401 (session fixture: the shared Spark cluster)
+from testlab.gateway import USER_ENV, env, gateway_config, write_spec
+from testlab.hostlab import HostLab, LabHost
+from testlab.spark_cluster import SparkCluster
 
-USER_ENV = {"KERNEL_USERNAME": "alice"}  # the gateway runs as root here; root is refused by default
+__all__ = ["USER_ENV", "env", "gateway_config"]  # tests import these from here too
 
 
 @pytest.fixture(scope="session")
@@ -33,6 +31,16 @@ def lab() -> Iterator[HostLab]:
         yield lab
     finally:
         lab.stop()
+
+
+@pytest.fixture(scope="session")
+def spark_cluster(lab: HostLab) -> Iterator[SparkCluster]:
+    """The shared standalone cluster (started on first use, stopped at the end of the session)."""
+    cluster = SparkCluster.start(lab)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture(autouse=True)
@@ -57,17 +65,6 @@ def add_spec(kernels_dir: Path, name: str, edit: Callable[[dict], None]) -> str:
     edit(spec)
     (path / "kernel.json").write_text(json.dumps(spec))
     return name
-
-
-def gateway_config(lab: HostLab, **overrides: Any) -> Config:
-    cfg = Config()
-    cfg.DistributedProvisioner.ssh_config_file = str(lab.ssh_config)
-    cfg.DistributedProvisioner.remote_hosts = [h.name for h in lab.hosts]
-    cfg.DistributedProvisioner.response_port = 0  # OS-assigned: test loops and parallel runs never collide
-    cfg.DistributedProvisioner.host_quarantine = 0.2  # a host a test broke is probed again almost at once
-    for key, value in overrides.items():
-        setattr(cfg.DistributedProvisioner, key, value)
-    return cfg
 
 
 @pytest_asyncio.fixture
@@ -131,7 +128,3 @@ async def execute(km: AsyncKernelManager, code: str, timeout: float = 60) -> tup
         return "".join(out), reply["content"]
     finally:
         kc.stop_channels()
-
-
-def env(**extra: str) -> dict[str, str]:
-    return {**os.environ, **USER_ENV, "GP_RESPONSE_PORT": "0", **extra}

@@ -17,7 +17,7 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from tests.hostlab import BRIDGE, KERNELS_DIR, HostLab, LabHost, lab_hosts
+from testlab.hostlab import BRIDGE, KERNELS_DIR, HostLab, LabHost, lab_hosts
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -334,7 +334,7 @@ def test_loopback_mode() -> None:
 def test_stale_lab_is_swept() -> None:
     """A lab whose owner was SIGKILLed is removed by the next start."""
     code = (
-        "import sys, time; from tests.hostlab import HostLab; lab = HostLab.start(1); "
+        "import sys, time; from testlab.hostlab import HostLab; lab = HostLab.start(1); "
         "print(lab.hosts[0].netns, lab.hosts[0].veth, lab.dir, flush=True); time.sleep(60)"
     )
     owner = subprocess.Popen(

@@ -26,11 +26,11 @@ from jupyter_client.session import Session
 
 from spark_gateway.errors import ProvisionerError
 from spark_gateway.specs import SpecOptions, install
+from testlab.hostlab import HostLab
+from testlab.jupyter_rest import AUTH, jupyter_server
+from testlab.spark_cluster import SPARK_HOME as SPARK4_HOME
+from testlab.spark_cluster import SparkCluster, spark_jvms
 from tests.conftest import env, kernel_processes, wait_for
-from tests.hostlab import HostLab
-from tests.jupyter_rest import AUTH, jupyter_server
-from tests.spark_cluster import SPARK_HOME as SPARK4_HOME
-from tests.spark_cluster import SparkCluster, spark_jvms
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV35 = Path(os.environ.get("SG_SPARK35_VENV", ROOT / ".venv-spark35"))

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from testlab.jupyter_rest import AUTH, jupyter_server, run_code
 from tests.conftest import kernel_processes, wait_for
-from tests.jupyter_rest import AUTH, jupyter_server, run_code
 
 
 @pytest.fixture(scope="module")

@@ -27,9 +27,9 @@ from jupyter_client import AsyncKernelManager
 from jupyter_client.kernelspec import KernelSpecManager
 
 from spark_gateway.specs import SpecOptions, install
+from testlab.hostlab import HostLab, LabHost
+from testlab.spark_cluster import SPARK_HOME, SparkCluster, python_without_pyspark, spark_distribution
 from tests.conftest import env, execute, gateway_config, kernel_processes
-from tests.hostlab import HostLab, LabHost
-from tests.spark_cluster import SPARK_HOME, SparkCluster, python_without_pyspark, spark_distribution
 
 pytestmark = pytest.mark.asyncio
 

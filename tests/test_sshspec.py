@@ -22,8 +22,8 @@ from jupyter_client.kernelspec import KernelSpecManager
 from spark_gateway import __version__, specs
 from spark_gateway.specs import SpecOptions, manifest
 from spark_gateway.ssh import SshPool, SshSettings
+from testlab.hostlab import HostLab, LabHost, lab_hosts
 from tests.conftest import env, execute, gateway_config
-from tests.hostlab import HostLab, LabHost, lab_hosts
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable

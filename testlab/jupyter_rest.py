@@ -15,8 +15,8 @@ from pathlib import Path
 import requests
 from tornado.websocket import websocket_connect
 
-from tests.conftest import env
-from tests.hostlab import HostLab
+from testlab.gateway import env
+from testlab.hostlab import HostLab
 
 TOKEN = uuid.uuid4().hex
 AUTH = {"Authorization": f"token {TOKEN}"}

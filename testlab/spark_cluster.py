@@ -22,15 +22,13 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyspark
-import pytest
 
-from tests.hostlab import HostLab, LabHost
+from testlab.hostlab import HostLab, LabHost
 
 SPARK_HOME = str(Path(pyspark.__file__).resolve().parent)
 PYTHON = sys.executable
@@ -227,13 +225,3 @@ def python_without_pyspark(dest: Path) -> str:
         if not entry.name.lower().startswith(("pyspark", "py4j")) and not (theirs / entry.name).exists():
             (theirs / entry.name).symlink_to(entry)
     return str(dest / "bin" / "python")
-
-
-@pytest.fixture(scope="session")
-def spark_cluster(lab: HostLab) -> Iterator[SparkCluster]:
-    """The shared standalone cluster (started on first use, stopped at the end of the session)."""
-    cluster = SparkCluster.start(lab)
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
