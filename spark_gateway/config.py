@@ -111,12 +111,19 @@ class AccessOptions(LoggingConfigurable):
     remote_hosts = List(
         Unicode(),
         config=True,
-        help="Hosts kernels may run on: host, host:port or an ssh_config alias (GP_REMOTE_HOSTS, comma-separated).",
+        help="Hosts kernels may run on: host, host:port or an ssh_config alias (GP_REMOTE_HOSTS, comma-separated; "
+        "default: localhost).",
     )
     authorized_users = Set(Unicode(), config=True, help="KERNEL_USERNAMEs allowed (GP_AUTHORIZED_USERS); empty: all.")
-    unauthorized_users = Set(Unicode(), config=True, help="KERNEL_USERNAMEs refused (GP_UNAUTHORIZED_USERS).")
-    port_range = Unicode(config=True, help="Kernel ports: LOWER..UPPER spanning >= 1000, or 0..0 (GP_PORT_RANGE).")
-    launch_timeout = Float(config=True, help="Seconds to wait for the kernel's connection info (GP_LAUNCH_TIMEOUT).")
+    unauthorized_users = Set(
+        Unicode(), config=True, help="KERNEL_USERNAMEs refused (GP_UNAUTHORIZED_USERS; default: root)."
+    )
+    port_range = Unicode(
+        config=True, help="Kernel ports: LOWER..UPPER spanning >= 1000, or 0..0 for any (GP_PORT_RANGE; default: 0..0)."
+    )
+    launch_timeout = Float(
+        config=True, help="Seconds to wait for the kernel's connection info (GP_LAUNCH_TIMEOUT; default: 30)."
+    )
 
     @default("remote_hosts")
     def _remote_hosts_default(self) -> list[str]:

@@ -22,7 +22,7 @@ from traitlets.config import SingletonConfigurable
 from . import callback
 from .health import Health
 from .hosts import Host
-from .placement import KERNEL_INVENTORY, HostReport, HostSelector
+from .placement import KERNEL_INVENTORY, HostReport, HostSelector, PlacementError
 from .ssh import SshError, SshPool, SshSettings
 from .tunnel import CallbackForwards
 
@@ -153,6 +153,59 @@ class Gateway(SingletonConfigurable):
             shared = asyncio.ensure_future(ask())
             state.inventories[(id(cluster), entry)] = (time.monotonic(), shared)
         return await asyncio.shield(shared)
+
+    async def choose_host(
+        self,
+        cluster: Cluster,
+        entries: list[str],
+        algorithm: str,
+        tried: set[str],
+        skipped: list[str],
+        probe_timeout: float,
+        quarantine: float,
+    ) -> str:
+        """The algorithm's pick among the healthy `entries` not yet `tried`; hosts passed over are added to
+        `skipped` with the reason. PlacementError listing every host's failure when none can take the kernel."""
+        usable = []
+        for entry in entries:
+            why = None if entry in tried else cluster.health.quarantined(entry)
+            if why:
+                skipped.append(f"{entry}: {why}")
+            elif entry not in tried:
+                usable.append(entry)
+        suspects = [h for h in usable if cluster.health.suspect(h)]
+        probes = [cluster.probe(h, probe_timeout, quarantine) for h in suspects]
+        for entry, failure in zip(suspects, await asyncio.gather(*probes), strict=True):
+            if failure:
+                usable.remove(entry)
+                skipped.append(f"{entry}: {failure}")
+        reports = {}
+        if algorithm != "round-robin":
+            reports = await self._reports(cluster, usable, skipped, probe_timeout + 5, quarantine)
+        if not (reports or (usable and algorithm == "round-robin")):
+            raise PlacementError("no remote host can take the kernel:\n  " + "\n  ".join(skipped))
+        if algorithm == "least-connection":
+            return self.selector.least_connection(reports)
+        if algorithm == "least-load":
+            return self.selector.least_load(reports)
+        return self.selector.round_robin(entries, usable)
+
+    async def _reports(
+        self, cluster: Cluster, entries: list[str], skipped: list[str], timeout: float, quarantine: float
+    ) -> dict[str, HostReport]:
+        """What each host runs and how busy it is, asked over the pooled connections in parallel."""
+
+        async def ask(entry: str) -> HostReport | None:
+            try:
+                return await self.inventory(cluster, entry, timeout)
+            except (*HOST_ERRORS, ValueError, KeyError, IndexError) as exc:
+                if not cluster.health.quarantined(entry):
+                    cluster.failed(entry, str(exc), quarantine)
+                skipped.append(f"{entry}: {exc}")
+                return None
+
+        answers = await asyncio.gather(*(ask(h) for h in entries))
+        return {h: r for h, r in zip(entries, answers, strict=True) if r is not None}
 
     # -- cleanups owed to hosts that could not be reached --
     async def ensure_reaper(self, cluster: Cluster, base: float, probe_timeout: float) -> None:

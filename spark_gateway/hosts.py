@@ -50,7 +50,9 @@ class Host:
             proc = subprocess.run(["/bin/sh", "-c", command], input=stdin, capture_output=True, timeout=timeout)
         except subprocess.TimeoutExpired as exc:
             raise SshError(f"command did not finish within {timeout:g} s: {command!r}") from exc
-        return CommandResult(proc.returncode, proc.stdout.decode(errors="replace"), proc.stderr.decode("replace"))
+        return CommandResult(
+            proc.returncode, proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")
+        )
 
     def stream(self, command: str, stdin: bytes, timeout: float) -> Iterator[str]:
         """Start `command`, feed it `stdin`, and yield its output lines as they come."""

@@ -145,49 +145,13 @@ class DistributedProvisioner(GatewayOptions, KernelProvisionerBase):  # type: ig
             return entry
         if pinned:
             return pinned
-        cluster, skipped = self.cluster, self.skipped
-        usable = []
-        for entry in self.remote_hosts:
-            why = None if entry in tried else cluster.health.quarantined(entry)
-            if why:
-                skipped.append(f"{entry}: {why}")
-            elif entry not in tried:
-                usable.append(entry)
-        suspects = [h for h in usable if cluster.health.suspect(h)]
-        probes = [cluster.probe(h, self.ssh_connect_timeout, self.host_quarantine) for h in suspects]
-        for entry, failure in zip(suspects, await asyncio.gather(*probes), strict=True):
-            if failure:
-                usable.remove(entry)
-                skipped.append(f"{entry}: {failure}")
-        algorithm = self.load_balancing_algorithm
-        reports = await self._reports(usable) if algorithm != "round-robin" else {}
-        if not (reports or (usable and algorithm == "round-robin")):
-            raise ProvisionerError(503, "no remote host can take the kernel:\n  " + "\n  ".join(skipped))
-        selector = self.gateway.selector
         try:
-            if algorithm == "least-connection":
-                return selector.least_connection(reports)
-            if algorithm == "least-load":
-                return selector.least_load(reports)
-            return selector.round_robin(self.remote_hosts, usable)
+            return await self.gateway.choose_host(
+                self.cluster, self.remote_hosts, self.load_balancing_algorithm, tried, self.skipped,
+                probe_timeout=self.ssh_connect_timeout, quarantine=self.host_quarantine,
+            )  # fmt: skip
         except PlacementError as exc:
             raise ProvisionerError(503, str(exc)) from None
-
-    async def _reports(self, entries: list[str]) -> dict[str, Any]:
-        """What each host runs and how busy it is, asked over the pooled connections in parallel."""
-        cluster = self.cluster
-
-        async def ask(entry: str) -> Any:
-            try:
-                return await self.gateway.inventory(cluster, entry, self.ssh_connect_timeout + 5)
-            except (*HOST_ERRORS, ValueError, KeyError, IndexError) as exc:
-                if not cluster.health.quarantined(entry):
-                    self._host_failed(entry, str(exc))
-                self.skipped.append(f"{entry}: {exc}")
-                return None
-
-        answers = await asyncio.gather(*(ask(h) for h in entries))
-        return {h: r for h, r in zip(entries, answers, strict=True) if r is not None}
 
     async def _launch_on(
         self, entry: str, cmd: list[str], request: LaunchRequest, kwargs: dict[str, Any]

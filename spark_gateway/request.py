@@ -18,10 +18,9 @@ from .config import GatewayOptions, parse_port_range
 from .errors import ProvisionerError
 from .placement import PlacementError, check_pin
 from .remote import LaunchScriptError, check_env, spec_value
-from .spark import SparkOptsError, check_extra_spark_opts, check_username, spec_master
+from .spark import INIT_FLAG, SparkOptsError, check_extra_spark_opts, check_username, spec_master
 
 KERNEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
-SPARK_MODE_FLAG = "--spark-context-initialization-mode"
 
 
 @dataclass(frozen=True)
@@ -74,7 +73,7 @@ class LaunchRequest:
                 words["SPARK_OPTS"] += shlex.quote(f" --proxy-user {username}")  # a checked name: one token
             else:
                 run_as = username
-        mode = argv[argv.index(SPARK_MODE_FLAG) + 1] if SPARK_MODE_FLAG in argv[:-1] else "none"
+        mode = argv[argv.index(INIT_FLAG) + 1] if INIT_FLAG in argv[:-1] else "none"
         return cls(
             kernel_id=kernel_id,
             username=username,

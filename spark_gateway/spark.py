@@ -64,7 +64,8 @@ CONTROLLED_CONFS = {
     "spark.yarn.keytab": "--keytab",
 }
 USERNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._@-]{0,63}\Z")
-_MASTER = re.compile(r"(?:^|\s)--master(?:=|\s+)(\S+)")
+MASTER_OPT = re.compile(r"(?:^|\s+)--master(?:=|\s+)(\S+)")  # in a SPARK_OPTS template; group 1: the master
+INIT_FLAG = "--spark-context-initialization-mode"  # a Spark kernel's argv: lazy, eager or none
 EXAMPLE = "e.g. --conf spark.executor.memory=1g --num-executors 2"
 
 
@@ -120,7 +121,7 @@ def _check_conf(value: str, name: str) -> None:
 
 def spec_master(spark_opts: str) -> str | None:
     """The `--master` of a kernelspec's SPARK_OPTS template (None when it names none)."""
-    m = _MASTER.search(spark_opts)
+    m = MASTER_OPT.search(spark_opts)
     return m[1] if m else None
 
 

@@ -31,6 +31,7 @@ from typing import Any
 
 from . import protocol
 from .resources import data_dir
+from .spark import INIT_FLAG, MASTER_OPT, spec_master
 
 LANGUAGES = {"python": "python", "r": "R", "scala": "scala"}  # key -> kernel.json "language"
 LABELS = {"python": "Python", "r": "R", "scala": "Scala"}
@@ -42,7 +43,6 @@ INIT_MODES = ("lazy", "eager", "none")
 DEFAULT_KERNEL_CLASS = "ipykernel.ipkernel.IPythonKernel"
 DEFAULT_KERNELS_DIR = Path("/usr/local/share/jupyter/kernels")
 PROVISIONER = "distributed-provisioner"
-INIT_FLAG = "--spark-context-initialization-mode"
 CLASS_FLAG = "--kernel-class-name"
 EXTRA_OPTS_REF = "${KERNEL_EXTRA_SPARK_OPTS}"
 IGNORED = ("__pycache__", "*.pyc")  # never part of a spec: written next to the launchers when they run
@@ -63,7 +63,6 @@ _KERNEL_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*\Z")  # jupyter_client's rule, m
 _ENDPOINT = r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*):(\d{1,5})"
 _STANDALONE = re.compile(rf"spark://{_ENDPOINT}(?:,{_ENDPOINT})*\Z")
 _LOCAL = re.compile(r"local(?:\[(?:\*|[1-9]\d*)(?:,[1-9]\d*)?\])?\Z")
-_MASTER_OPT = re.compile(r"(?:^|\s+)--master(?:=|\s+)\S+")
 _DEPLOY_OPT = re.compile(r"(?:^|\s+)--deploy-mode(?:=|\s+)\S+")
 _CONVERTED_NAME = re.compile(r"_(?:standalone|yarn)\Z")
 _CONVERTED_DISPLAY = re.compile(r"\s*\(with Spark(?: standalone| on YARN)?\)\Z")
@@ -149,14 +148,12 @@ def kernel_class(name: str) -> str | None:
 
 def spark_master_of(spec: dict) -> str | None:
     """The `--master` in a kernelspec's SPARK_OPTS, or None for a spec without one (not a Spark spec)."""
-    opts = str((spec.get("env") or {}).get("SPARK_OPTS", ""))
-    m = re.search(r"(?:^|\s)--master(?:=|\s+)(\S+)", opts)
-    return m[1] if m else None
+    return spec_master(str((spec.get("env") or {}).get("SPARK_OPTS", "")))
 
 
 def set_master(spark_opts: str, master: str) -> str:
     """SPARK_OPTS with `--master` (and `--deploy-mode client` for YARN) replaced, everything else kept verbatim."""
-    rest = _DEPLOY_OPT.sub("", _MASTER_OPT.sub("", spark_opts)).strip()
+    rest = _DEPLOY_OPT.sub("", MASTER_OPT.sub("", spark_opts)).strip()
     head = f"--master {master}" + (" --deploy-mode client" if master_kind(master) == "yarn" else "")
     return f"{head} {rest}".rstrip()
 

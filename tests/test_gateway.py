@@ -50,10 +50,7 @@ async def test_owed_cleanups_of_every_ssh_settings_pool_are_run(lab, tmp_path: P
 
 async def test_kernelspecs_keep_their_own_quarantine_on_a_shared_pool(lab):
     spec = KernelSpec(argv=["true"], display_name="t", env={})
-    short, long = (
-        DistributedProvisioner(kernel_id=f"q{q}", kernel_spec=spec, host_quarantine=q)
-        for q in (0.5, 100.0)
-    )
+    short, long = (DistributedProvisioner(kernel_id=f"q{q}", kernel_spec=spec, host_quarantine=q) for q in (0.5, 100.0))
     short.ssh_config_file = long.ssh_config_file = str(lab.ssh_config)
     assert short.cluster is long.cluster  # same SSH settings: one pool, one view of host health
     host_a, host_b = lab.hosts[0].name, lab.hosts[1].name

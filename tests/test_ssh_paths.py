@@ -30,7 +30,7 @@ async def test_proxy_jump_reaches_a_host_through_another(lab, managers, tmp_path
     await km.start_kernel(env=env())
     out, _ = await execute(km, "import socket; print(socket.gethostname())")
     assert out.strip() == target.hostname
-    transport = km.provisioner.pool.client(alias).get_transport()
+    transport = km.provisioner.cluster.pool.client(alias).get_transport()
     assert not isinstance(transport.sock, socket.socket)  # a channel through the jump host, not a direct socket
 
 
@@ -86,7 +86,7 @@ async def test_localhost_is_launched_without_ssh(managers):
     await km.start_kernel(env=env())
     out, _ = await execute(km, "import socket, os; print(socket.gethostname(), os.getppid() != 1)")
     assert out.split()[0] == socket.gethostname()
-    assert km.provisioner.pool._clients == {}  # no SSH connection was made
+    assert km.provisioner.cluster.pool._clients == {}  # no SSH connection was made
     await km.shutdown_kernel()
 
 
