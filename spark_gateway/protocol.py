@@ -1,8 +1,8 @@
 """The wire protocol between the gateway and a kernel's launcher, v1 (docs/design.md): defined here, once.
 
-Standard library only: this file is copied into every kernelspec beside the launchers (as `sg_protocol.py`), and
-both sides import it, so the version, the AAD, the port names, the limits, the signed form of a control request
-and the address syntax cannot drift apart.
+Standard library only: `kernel-launchers/shared/scripts/sg_protocol.py` is a link to this file, so every kernelspec
+carries it beside the launchers and both sides import it: the version, the AAD, the port names, the limits, the
+signed form of a control request and the address syntax cannot drift apart.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import socket
+import time
 from typing import Any
 
 VERSION = 1
@@ -18,7 +20,6 @@ MAX_MESSAGE = 64 * 1024  # a callback envelope, or one control line, at most
 PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
 CONTROL_OPS = ("poll", "signal", "shutdown", "info")
 INFO_MAX_WAIT = 4.0  # seconds an `info` request may wait for news (below the client's 5 s timeout)
-HOST_COPY = "sg_protocol.py"  # this file's name beside the launchers on the hosts
 
 # The callback envelope, and the plaintext it seals: field -> JSON type(s).
 ENVELOPE_FIELDS = ("v", "kernel_id", "key", "nonce", "data", "tag")
@@ -71,3 +72,20 @@ def parse_address(address: str) -> tuple[str, int]:
 def format_address(host: str, port: int) -> str:
     """`host:port`, with an IPv6 host in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def recv_line(sock: socket.socket, deadline: float, limit: int = MAX_MESSAGE) -> bytes:
+    """Read one `\\n`-terminated line (or up to EOF) before `deadline` (monotonic); at most `limit` bytes."""
+    buf = b""
+    while b"\n" not in buf:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("timed out")
+        sock.settimeout(remaining)
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        buf += chunk
+        if len(buf) > limit:
+            raise ValueError(f"line longer than {limit} bytes")
+    return buf.split(b"\n", 1)[0]

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import protocol
 from .resources import data_dir
 from .spark import INIT_FLAG, MASTER_OPT, spec_master
 
@@ -47,11 +46,12 @@ CLASS_FLAG = "--kernel-class-name"
 EXTRA_OPTS_REF = "${KERNEL_EXTRA_SPARK_OPTS}"
 IGNORED = ("__pycache__", "*.pyc")  # never part of a spec: written next to the launchers when they run
 
-# (glob under kernel-launchers/, directory in the spec) per language
+# (glob under kernel-launchers/, directory in the spec) per language; every one needs the listener and its modules
+SHARED = [("shared/scripts/server_listener.py", "scripts"), ("shared/scripts/sg_*.py", "scripts")]
 LAUNCHERS: dict[str, list[tuple[str, str]]] = {
-    "python": [("python/scripts/launch_ipykernel.py", "scripts"), ("shared/scripts/server_listener.py", "scripts")],
-    "r": [("R/scripts/launch_IRkernel.R", "scripts"), ("shared/scripts/server_listener.py", "scripts")],
-    "scala": [("scala/scripts/launch_toree.sh", "scripts"), ("shared/scripts/server_listener.py", "scripts")],
+    "python": [("python/scripts/launch_ipykernel.py", "scripts"), *SHARED],
+    "r": [("R/scripts/launch_IRkernel.R", "scripts"), *SHARED],
+    "scala": [("scala/scripts/launch_toree.sh", "scripts"), *SHARED],
 }
 # Apache Toree's assembly (not part of this repository: `pip install apache-toree`), copied into a Scala spec's lib/.
 TOREE_JAR = "toree-assembly-*.jar"
@@ -391,7 +391,6 @@ def _fill(opts: SpecOptions, install_dir: Path, staging: Path) -> None:
     for path, subdir in _launcher_files(opts.language):
         (staging / subdir).mkdir(exist_ok=True)
         shutil.copy2(path, staging / subdir / path.name)
-    shutil.copy2(protocol.__file__, staging / "scripts" / protocol.HOST_COPY)  # the listener's wire protocol
     if opts.toree_jar:
         (staging / "lib").mkdir(exist_ok=True)
         shutil.copy2(opts.toree_jar, staging / "lib" / Path(opts.toree_jar).name)

@@ -20,14 +20,14 @@ import pytest
 import pytest_asyncio
 from jupyter_client.asynchronous import AsyncKernelClient
 
-from spark_gateway import protocol
 from spark_gateway.callback import ResponseServer
 from spark_gateway.control import control_request
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT / "kernel-launchers" / "shared" / "scripts"
 sys.path.insert(0, str(SHARED))
-import server_listener as sl  # noqa: E402
+import sg_ports  # noqa: E402
+import sg_procinfo  # noqa: E402
 
 LOCAL = "127.0.0.1"
 
@@ -39,8 +39,8 @@ class Launcher:
         self.server, self.port, self.tmp = server, port, tmp
         self.scripts = tmp / "scripts"  # deployed layout: both scripts in one directory
         self.scripts.mkdir()
-        shutil.copy(SHARED / "server_listener.py", self.scripts)
-        shutil.copy(protocol.__file__, self.scripts / protocol.HOST_COPY)
+        for module in (SHARED / "server_listener.py", *SHARED.glob("sg_*.py")):
+            shutil.copy(module, self.scripts)
         shutil.copy(ROOT / "kernel-launchers" / "python" / "scripts" / "launch_ipykernel.py", self.scripts)
         self.procs: list[subprocess.Popen[bytes]] = []
 
@@ -161,7 +161,7 @@ async def test_kernel_round_trip_interrupt_and_prompt_shutdown(launcher: Launche
 
 
 def process_gone(pid: int) -> bool:
-    return not sl.pid_alive(pid)
+    return not sg_procinfo.pid_alive(pid)
 
 
 @pytest.mark.asyncio
@@ -228,31 +228,31 @@ async def test_rejected_callback_exits_with_gateway_reason(launcher: Launcher) -
 
 
 def test_select_ports_in_range_skips_busy_ports() -> None:
-    lower = sl.select_ports("0..0", 1, LOCAL)[0]
+    lower = sg_ports.select_ports("0..0", 1, LOCAL)[0]
     with socket.socket() as busy:
         busy.bind((LOCAL, lower))
         for _ in range(5):  # random choice: the busy port must never come back
-            ports = sl.select_ports(f"{lower}..{lower + 1}", 1, LOCAL)
+            ports = sg_ports.select_ports(f"{lower}..{lower + 1}", 1, LOCAL)
             assert ports == [lower + 1]
 
 
 def test_select_ports_distinct_and_os_assigned() -> None:
-    ports = sl.select_ports("0..0", 6, LOCAL)
+    ports = sg_ports.select_ports("0..0", 6, LOCAL)
     assert len(set(ports)) == 6 and all(p > 0 for p in ports)
     with pytest.raises(OSError, match="fewer than 3 free ports"):
-        sl.select_ports(f"{ports[0]}..{ports[0] + 1}", 3, LOCAL)
+        sg_ports.select_ports(f"{ports[0]}..{ports[0] + 1}", 3, LOCAL)
     with pytest.raises(ValueError, match="lower..upper"):
-        sl.select_ports("9000-9100", 1, LOCAL)
+        sg_ports.select_ports("9000-9100", 1, LOCAL)
 
 
 def test_connection_file_is_private(tmp_path: Path) -> None:
-    info = sl.build_connection_info([1, 2, 3, 4, 5])
+    info = sg_ports.build_connection_info([1, 2, 3, 4, 5])
     assert info["ip"] == "0.0.0.0" and info["signature_scheme"] == "hmac-sha256" and info["transport"] == "tcp"
     assert len(bytes.fromhex(info["key"])) == 32
-    assert info["key"] != sl.build_connection_info([1, 2, 3, 4, 5])["key"]
+    assert info["key"] != sg_ports.build_connection_info([1, 2, 3, 4, 5])["key"]
     path = tmp_path / "kernel.json"
     path.write_text("{}")
     path.chmod(0o644)
-    sl.write_connection_file(str(path), info)
+    sg_ports.write_connection_file(str(path), info)
     assert path.stat().st_mode & 0o777 == 0o600
     assert json.loads(path.read_text()) == info

@@ -28,7 +28,11 @@ from tests.conftest import wait_for
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "kernel-launchers" / "shared" / "scripts"
 sys.path.insert(0, str(SCRIPTS))
-import server_listener as sl  # noqa: E402
+import sg_callback  # noqa: E402
+import sg_control  # noqa: E402
+import sg_ports  # noqa: E402
+import sg_procinfo  # noqa: E402
+import sg_reports  # noqa: E402
 
 LOCAL = "127.0.0.1"
 
@@ -49,7 +53,7 @@ async def server(private_key: Any) -> AsyncIterator[tuple[ResponseServer, int]]:
 def fields(kernel_id: str) -> dict[str, Any]:
     """Plausible callback fields (everything but kernel_id and launch_token)."""
     return {
-        "connection_info": sl.build_connection_info([10001, 10002, 10003, 10004, 10005], LOCAL),
+        "connection_info": sg_ports.build_connection_info([10001, 10002, 10003, 10004, 10005], LOCAL),
         "pid": 4242,
         "pgid": 4242,
         "hostname": "host-a",
@@ -62,7 +66,7 @@ def fields(kernel_id: str) -> dict[str, Any]:
 
 def sealed(srv: ResponseServer, kernel_id: str, token: str) -> tuple[bytes, dict[str, Any]]:
     plaintext = {"kernel_id": kernel_id, "launch_token": token, **fields(kernel_id)}
-    return sl.encrypt_payload(srv.public_key_b64, kernel_id, plaintext), plaintext
+    return sg_callback.encrypt_payload(srv.public_key_b64, kernel_id, plaintext), plaintext
 
 
 def tamper(raw: bytes, field: str, value: Any = None) -> bytes:
@@ -97,7 +101,9 @@ async def test_round_trip_resolves_future(server: tuple[ResponseServer, int]) ->
     token = secrets.token_hex(32)
     future = srv.register("k1", token)
     payload = fields("k1")
-    await asyncio.to_thread(sl.send_connection_info, f"{LOCAL}:{port}", srv.public_key_b64, "k1", token, payload)
+    await asyncio.to_thread(
+        sg_callback.send_connection_info, f"{LOCAL}:{port}", srv.public_key_b64, "k1", token, payload
+    )
     assert future.done()
     assert await future == {"kernel_id": "k1", "launch_token": token, **payload}
 
@@ -197,8 +203,8 @@ def test_decrypt_with_other_key_fails(private_key: Any) -> None:
 
 def test_sender_reports_refusal() -> None:
     srv = ResponseServer(generate_key_pair())
-    with pytest.raises(sl.CallbackError, match="refused"):
-        sl.send_connection_info(f"{LOCAL}:1", srv.public_key_b64, "k1", "t", fields("k1"), attempts=2)
+    with pytest.raises(sg_callback.CallbackError, match="refused"):
+        sg_callback.send_connection_info(f"{LOCAL}:1", srv.public_key_b64, "k1", "t", fields("k1"), attempts=2)
 
 
 # --- control listener, standalone in a subprocess --------------------------------------------------
@@ -296,7 +302,7 @@ async def test_guarded_interrupt_is_refused_with_the_reason_until_the_thread_run
         assert not received.exists() and proc.target.poll() is None  # nothing was sent
 
         os.kill(proc.target.pid, signal.SIGUSR1)
-        assert wait_for(lambda: "dag-scheduler-e" in sl.thread_names(proc.target.pid), 5)
+        assert wait_for(lambda: "dag-scheduler-e" in sg_procinfo.thread_names(proc.target.pid), 5)
         assert await proc.request("signal", interrupt) == {"ok": True}
         assert wait_for(lambda: received.exists() and received.read_text() == "USR2\n", 5)  # relayed as USR2
         # only interrupts are guarded
@@ -358,7 +364,7 @@ async def test_control_request_errors_name_the_listener(standalone: Standalone) 
 
 def test_listener_thread_survives_garbage_in_process() -> None:
     """In-process: a client that vanishes mid-request does not kill the serving thread."""
-    listener = sl.ControlListener(os.getpid(), os.getpgid(0), ip=LOCAL, timeout=0.5)
+    listener = sg_control.ControlListener(os.getpid(), os.getpgid(0), ip=LOCAL, timeout=0.5)
     listener.start()
     try:
         with socket.create_connection((LOCAL, listener.port)) as sock:
@@ -378,19 +384,19 @@ def test_a_process_listening_sockets_are_found_with_their_addresses() -> None:
         for s in (v4, v6, wildcard):
             s.listen()
         ours = {(LOCAL, v4.getsockname()[1]), ("::1", v6.getsockname()[1]), (LOCAL, wildcard.getsockname()[1])}
-        assert ours <= set(sl.process_listening(os.getpid()))
-        assert not ours & set(sl.process_listening(os.getppid()))  # another process's sockets are not ours
-    assert not ours & set(sl.process_listening(os.getpid()))  # closed: gone
+        assert ours <= set(sg_procinfo.process_listening(os.getpid()))
+        assert not ours & set(sg_procinfo.process_listening(os.getppid()))  # another process's sockets are not ours
+    assert not ours & set(sg_procinfo.process_listening(os.getpid()))  # closed: gone
 
 
 def test_proc_addresses_are_decoded() -> None:
     little = sys.byteorder == "little"
-    assert sl._proc_address("0100007F" if little else "7F000001") == "127.0.0.1"
-    assert sl._proc_address("0B00FA0A" if little else "0AFA000B") == "10.250.0.11"
-    assert sl._proc_address("00000000") == "127.0.0.1"  # wildcard: reached over loopback
-    assert sl._proc_address("0" * 32) == "127.0.0.1"
+    assert sg_procinfo._proc_address("0100007F" if little else "7F000001") == "127.0.0.1"
+    assert sg_procinfo._proc_address("0B00FA0A" if little else "0AFA000B") == "10.250.0.11"
+    assert sg_procinfo._proc_address("00000000") == "127.0.0.1"  # wildcard: reached over loopback
+    assert sg_procinfo._proc_address("0" * 32) == "127.0.0.1"
     mapped = "0000000000000000FFFF00000B00FA0A" if little else "00000000000000000000FFFF0AFA000B"
-    assert sl._proc_address(mapped) == "10.250.0.11"
+    assert sg_procinfo._proc_address(mapped) == "10.250.0.11"
 
 
 def catches(pid: int, signum: int) -> bool:
@@ -404,12 +410,12 @@ def test_jvm_spark_report_without_a_spark_ui_turns_ready_after_its_grace(tmp_pat
     the details unknown, once the grace has passed. (With a UI: tests/test_scala_kernel.py, against real Spark.)"""
     proc = subprocess.Popen([sys.executable, "-c", NAMED_THREAD_ON_USR1, str(tmp_path / "signals")])
     try:
-        report = sl.JvmSparkReport(proc.pid, kernel_ports=[])
+        report = sg_reports.JvmSparkReport(proc.pid, kernel_ports=[])
         report.UI_GRACE = 0.5
         assert report.read() == {"spark": {"state": "starting", "error": None}}
         assert wait_for(lambda: catches(proc.pid, signal.SIGUSR1), 10)  # its handler is installed
         proc.send_signal(signal.SIGUSR1)
-        assert wait_for(lambda: "dag-scheduler-e" in sl.thread_names(proc.pid), 10)
+        assert wait_for(lambda: "dag-scheduler-e" in sg_procinfo.thread_names(proc.pid), 10)
         assert report(wait=0)["spark"]["state"] == "starting"  # its UI may still be coming
         assert report(wait=3)["spark"] == {"state": "ready", "error": None, "app_id": None, "app_name": None,
                                            "master": None, "ui_url": None, "spark_version": None}  # fmt: skip
@@ -423,9 +429,9 @@ def test_jvm_spark_report_without_a_spark_ui_turns_ready_after_its_grace(tmp_pat
 IN_PROCESS_INTERRUPT = """
 import json, os, signal, sys
 sys.path.insert(0, sys.argv[1])
-import server_listener as sl
+import sg_control
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # threads started from here on block it too
-listener = sl.ControlListener(os.getpid(), os.getpgid(0), ip="127.0.0.1")
+listener = sg_control.ControlListener(os.getpid(), os.getpgid(0), ip="127.0.0.1")
 listener.start()
 print(json.dumps({"port": listener.port, "secret": listener.secret_hex}), flush=True)
 sys.stdin.readline()

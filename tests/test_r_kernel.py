@@ -19,7 +19,7 @@ from spark_gateway.control import control_request
 from tests.conftest import env, execute, kernel_processes, wait_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernel-launchers" / "shared" / "scripts"))
-import server_listener as sl  # noqa: E402
+import sg_reports  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not shutil.which("Rscript"),
@@ -165,7 +165,7 @@ async def test_r_launcher_refuses_to_start_without_a_launch_token(tmp_path):
 def test_listener_serves_the_spark_report_the_r_launcher_keeps(tmp_path):
     """R Spark kernels report their SparkSession through a file (`--info-file`): `info` waits for it to change."""
     path = tmp_path / "sg-kernel-k1-info.json"
-    report = sl.FileReport(str(path))
+    report = sg_reports.FileReport(str(path))
     assert report(0) == {}
     path.write_text(json.dumps({"spark": {"state": "starting"}}))
     assert report(0) == {"spark": {"state": "starting"}}

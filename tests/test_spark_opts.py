@@ -11,7 +11,8 @@ from spark_gateway.control import ControlError, control_request
 from spark_gateway.spark import SparkOptsError, check_extra_spark_opts, check_username, spec_master
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernel-launchers" / "shared" / "scripts"))
-import server_listener as sl  # noqa: E402
+import sg_control  # noqa: E402
+import sg_protocol  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -77,15 +78,15 @@ async def test_listener_info_op_reports_and_waits_within_bounds() -> None:
         calls.append(wait)
         return {"spark": {"state": "ready", "app_id": "app-1"}}
 
-    listener = sl.ControlListener(0, 0, ip="127.0.0.1", info=info)
-    bare = sl.ControlListener(0, 0, ip="127.0.0.1")
+    listener = sg_control.ControlListener(0, 0, ip="127.0.0.1", info=info)
+    bare = sg_control.ControlListener(0, 0, ip="127.0.0.1")
     listener.start()
     bare.start()
     try:
         reply = await control_request("127.0.0.1", listener.port, listener.secret_hex, "info", {"wait": 2})
         assert reply == {"ok": True, "spark": {"state": "ready", "app_id": "app-1"}} and calls == [2.0]
         assert await control_request("127.0.0.1", bare.port, bare.secret_hex, "info") == {"ok": True}
-        for bad in (-1, sl.INFO_MAX_WAIT + 1, "1", True):
+        for bad in (-1, sg_protocol.INFO_MAX_WAIT + 1, "1", True):
             with pytest.raises(ControlError, match="bad info args"):
                 await control_request("127.0.0.1", listener.port, listener.secret_hex, "info", {"wait": bad})
         with pytest.raises(ControlError, match="connection closed"):  # the MAC still guards it

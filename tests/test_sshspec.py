@@ -37,6 +37,10 @@ needs_spark = pytest.mark.skipif(
 R_LAUNCHER = ROOT / "kernel-launchers" / "R" / "scripts" / "launch_IRkernel.R"
 RSCRIPT = shutil.which("Rscript") or ""
 needs_rscript = pytest.mark.skipif(not RSCRIPT, reason="Rscript is not installed (make system-deps installs R)")
+LISTENER_FILES = {
+    "scripts/server_listener.py",
+    *(f"scripts/{p.name}" for p in (ROOT / "kernel-launchers" / "shared" / "scripts").glob("sg_*.py")),
+}
 R_FILES = {
     "kernel.json",
     "logo-64x64.png",
@@ -402,7 +406,7 @@ def test_scala_layouts(tmp_path: Path, spark: bool, mode: str) -> None:
     spec_dir = specs.install(opts, tmp_path / "kernels" / opts.kernel_name)
     assert spec_dir.name == ("ssh_scala_spark" if spark else "ssh_scala")
     assert files(spec_dir) == {"kernel.json", "logo-64x64.png", "bin/run.sh", "scripts/launch_toree.sh",
-                               "scripts/server_listener.py", "scripts/sg_protocol.py", f"lib/{jar.name}"}  # fmt: skip
+                               *LISTENER_FILES, f"lib/{jar.name}"}  # fmt: skip
     assert (spec_dir / "lib" / jar.name).read_bytes() == jar.read_bytes()
     for script in ("bin/run.sh", "scripts/launch_toree.sh"):
         assert os.access(spec_dir / script, os.X_OK)

@@ -31,7 +31,11 @@ _HERE = Path(__file__).resolve().parent
 if not (_HERE / "server_listener.py").exists():  # running from a source checkout
     sys.path.insert(0, str(_HERE.parent.parent / "shared" / "scripts"))
 
-import server_listener as sl  # noqa: E402
+import sg_callback  # noqa: E402
+import sg_control  # noqa: E402
+import sg_ports  # noqa: E402
+import sg_protocol  # noqa: E402
+from sg_log import configure_logging  # noqa: E402
 
 log = logging.getLogger("launch_ipykernel")
 SPARK_NAMES = ("spark", "sc", "sql")
@@ -65,10 +69,10 @@ def connection_file_path(kernel_id: str) -> Path:
 
 def remove_on_exit(path: Path) -> None:
     """Remove ``path`` at interpreter exit and on SIGTERM (which then still terminates the process)."""
-    atexit.register(sl.remove_file, str(path))
+    atexit.register(sg_ports.remove_file, str(path))
 
     def on_sigterm(signum: int, frame: FrameType | None) -> None:
-        sl.remove_file(str(path))
+        sg_ports.remove_file(str(path))
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
 
@@ -268,7 +272,7 @@ class SparkSessionStarter:
         """What the control listener's `info` op returns; waits up to `wait` s while the session is starting."""
         with self._changed:
             if self.state == "starting" and wait > 0:
-                self._changed.wait(min(float(wait), sl.INFO_MAX_WAIT))
+                self._changed.wait(min(float(wait), sg_protocol.INFO_MAX_WAIT))
             return {"spark": {"state": self.state, "error": self.error or None, **self.details}}
 
     # -- notebook side
@@ -358,7 +362,7 @@ def _trace_nothing(frame: FrameType, event: str, arg: Any) -> None:
     """The thread's trace function while an interrupt waits for the JVM: new frames are not traced."""
 
 
-def hand_over_ports(app: Any, reservation: sl.PortReservation, info: dict[str, Any]) -> None:
+def hand_over_ports(app: Any, reservation: sg_ports.PortReservation, info: dict[str, Any]) -> None:
     """Release each reserved port the moment ipykernel binds it, so no other process can take it in between."""
     bind = getattr(app, "_try_bind_socket", None)
     if bind is None:  # an ipykernel without that hook: release everything now
@@ -381,9 +385,11 @@ def log_stream_fd() -> int:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    token = sl.take_launch_token()
-    sl.configure_logging("launch_ipykernel", "py4j")
-    sender = sl.CallbackSender(args.response_address, args.public_key, args.kernel_id, token)  # before any thread
+    token = sg_callback.take_launch_token()
+    configure_logging("launch_ipykernel", "py4j")
+    sender = sg_callback.CallbackSender(
+        args.response_address, args.public_key, args.kernel_id, token
+    )  # before any thread
     mode = args.spark_context_initialization_mode
 
     spark: SparkSessionStarter | None = None
@@ -404,14 +410,14 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"error: cannot create the SparkSession (eager mode): {spark.error}")
 
     pid, pgid = os.getpid(), os.getpgid(0)
-    reservation = sl.PortReservation(args.port_range, len(sl.KERNEL_PORT_NAMES) + 1, args.ip)
+    reservation = sg_ports.PortReservation(args.port_range, len(sg_protocol.PORT_NAMES) + 1, args.ip)
     ports = reservation.ports
-    info = sl.build_connection_info(ports[:-1], args.ip)
+    info = sg_ports.build_connection_info(ports[:-1], args.ip)
     path = connection_file_path(args.kernel_id)
     remove_on_exit(path)
-    sl.write_connection_file(str(path), info)
+    sg_ports.write_connection_file(str(path), info)
     reservation.release(ports[-1])
-    listener = sl.ControlListener(pid, pgid, port=ports[-1], ip=args.ip, info=spark.info if spark else None)
+    listener = sg_control.ControlListener(pid, pgid, port=ports[-1], ip=args.ip, info=spark.info if spark else None)
     listener.start()
 
     # The app ignores SIGINT except while a cell runs, where SIGINT raises KeyboardInterrupt.
@@ -423,10 +429,10 @@ def main(argv: list[str] | None = None) -> None:
     # Only a kernel whose sockets are bound reports success: clients then connect at their first attempt
     # (a refused first attempt costs them ZMQ's 100 ms reconnect interval), and a kernel that cannot bind
     # fails the start with its log tail.
-    fields = sl.payload_fields(args.kernel_id, info, pid, pgid, listener, str(path))
+    fields = sg_callback.payload_fields(args.kernel_id, info, pid, pgid, listener, str(path))
     try:
         sender.send(fields)
-    except sl.CallbackError as exc:
+    except sg_callback.CallbackError as exc:
         log.error("error: %s", exc)  # sys.stderr belongs to ipykernel by now; our log goes to the kernel log
         sys.exit(1)
     if spark is not None:

@@ -1,0 +1,169 @@
+"""The callback (protocol v1, docs/design.md): the launch token, and the connection info sealed for the gateway."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import secrets
+import socket
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+import sg_protocol as protocol
+
+if TYPE_CHECKING:
+    from sg_control import ControlListener
+
+log = logging.getLogger("server_listener")
+
+
+class CallbackError(RuntimeError):
+    """The connection info could not be delivered to the gateway."""
+
+
+def payload_fields(
+    kernel_id: str,
+    connection_info: dict[str, Any],
+    pid: int,
+    pgid: int,
+    listener: ControlListener,
+    connection_file: str,
+) -> dict[str, Any]:
+    """The callback plaintext fields other than ``kernel_id`` and ``launch_token``."""
+    log_dir = os.environ.get("GP_KERNEL_LOG_DIR")
+    return {
+        "connection_info": connection_info,
+        "pid": pid,
+        "pgid": pgid,
+        "hostname": socket.gethostname(),
+        "listener_port": listener.port,
+        "listener_secret": listener.secret_hex,
+        "connection_file": os.path.abspath(connection_file),
+        "log_file": os.path.join(log_dir, f"kernel-{kernel_id}.log") if log_dir else None,
+    }
+
+
+def encrypt_payload(public_key_b64: str, kernel_id: str, plaintext: dict[str, Any]) -> bytes:
+    """Seal ``plaintext`` into a v1 envelope: AES-256-GCM, key wrapped with RSA-OAEP-SHA256."""
+    # Imported here: pycryptodome costs ~40 ms to import; CallbackSender pays it in a helper process.
+    from Crypto.Cipher import AES, PKCS1_OAEP
+    from Crypto.Hash import SHA256
+    from Crypto.PublicKey import RSA
+
+    rsa_key = RSA.import_key(base64.b64decode(public_key_b64))
+    aes_key = secrets.token_bytes(32)
+    nonce = secrets.token_bytes(12)
+    cipher = AES.new(aes_key, AES.MODE_GCM, nonce=nonce)
+    cipher.update(protocol.aad(kernel_id))
+    data, tag = cipher.encrypt_and_digest(json.dumps(plaintext).encode())
+
+    def b64(raw: bytes) -> str:
+        return base64.b64encode(raw).decode()
+
+    envelope = {
+        "v": protocol.VERSION,
+        "kernel_id": kernel_id,
+        "key": b64(PKCS1_OAEP.new(rsa_key, hashAlgo=SHA256).encrypt(aes_key)),
+        "nonce": b64(nonce),
+        "data": b64(data),
+        "tag": b64(tag),
+    }
+    return json.dumps(envelope).encode()
+
+
+def send_connection_info(
+    response_address: str,
+    public_key_b64: str,
+    kernel_id: str,
+    launch_token: str,
+    payload_fields: dict[str, Any],
+    timeout: float = 10.0,
+    attempts: int = 5,
+) -> None:
+    """Encrypt and deliver the connection info; raise CallbackError unless the gateway answers ok."""
+    plaintext = {"kernel_id": kernel_id, "launch_token": launch_token, **payload_fields}
+    envelope = encrypt_payload(public_key_b64, kernel_id, plaintext)
+    reply = _deliver(protocol.parse_address(response_address), envelope, timeout, attempts)
+    try:
+        answer = json.loads(reply)
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict) or answer.get("ok") is not True:
+        error = answer.get("error") if isinstance(answer, dict) else reply[:200]
+        raise CallbackError(f"gateway at {response_address} rejected the connection info: {error}")
+
+
+class CallbackSender:
+    """Sends the callback from a process forked at launch, which imports pycryptodome on another core while the
+    launcher imports its kernel; it sends only when `send` hands it the payload fields.
+
+    Fork it before any thread exists. If the launcher dies first, the helper reads EOF and exits silently.
+    """
+
+    def __init__(self, response_address: str, public_key_b64: str, kernel_id: str, launch_token: str) -> None:
+        self.args = (response_address, public_key_b64, kernel_id, launch_token)
+        to_child, self._request = os.pipe()
+        self._reply, from_child = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:  # the helper
+            os.close(self._request)
+            os.close(self._reply)
+            os._exit(self._serve(to_child, from_child))
+        os.close(to_child)
+        os.close(from_child)
+
+    def _serve(self, requests: int, replies: int) -> int:
+        try:
+            # pycryptodome picks cffi when importable, which costs ~20 ms more CPU to load than its ctypes backend;
+            # this short-lived process only encrypts one payload, so it takes the cheaper one
+            sys.modules.setdefault("cffi", None)  # type: ignore[arg-type]
+            encrypt_payload(self.args[1], self.args[2], {})  # warm imports and native libraries meanwhile
+            with os.fdopen(requests, "rb") as pipe:
+                data = pipe.read()
+            if not data:
+                return 0
+            send_connection_info(*self.args, json.loads(data))
+            os.write(replies, b"ok")
+        except BaseException as exc:  # the parent reports it
+            os.write(replies, f"{exc}".encode()[:4000] or b"callback failed")
+        return 0
+
+    def send(self, payload_fields: dict[str, Any]) -> None:
+        """Hand over the payload and wait for the gateway's answer; raise CallbackError on failure."""
+        os.write(self._request, json.dumps(payload_fields).encode())
+        os.close(self._request)
+        with os.fdopen(self._reply, "rb") as pipe:
+            answer = pipe.read().decode(errors="replace")
+        os.waitpid(self.pid, 0)
+        if answer != "ok":
+            raise CallbackError(answer or "the callback helper process died")
+
+
+def _deliver(address: tuple[str, int], envelope: bytes, timeout: float, attempts: int) -> bytes:
+    """Send ``envelope`` and return the reply line, retrying while the connection is refused."""
+    where = f"{address[0]}:{address[1]}"
+    for attempt in range(1, attempts + 1):
+        try:
+            with socket.create_connection(address, timeout=timeout) as sock:
+                sock.sendall(envelope)
+                sock.shutdown(socket.SHUT_WR)
+                return protocol.recv_line(sock, time.monotonic() + timeout, protocol.MAX_MESSAGE)
+        except ConnectionRefusedError as exc:
+            if attempt == attempts:
+                raise CallbackError(f"gateway at {where} refused {attempts} connections: {exc}") from exc
+            time.sleep(0.2 * attempt)
+        except (OSError, ValueError) as exc:
+            raise CallbackError(f"cannot deliver connection info to {where}: {exc!r}") from exc
+    raise CallbackError(f"cannot deliver connection info to {where}: no attempts")
+
+
+def take_launch_token() -> str:
+    """Remove GP_LAUNCH_TOKEN from the environment and return it; exit 2 if it is missing."""
+    token = os.environ.pop("GP_LAUNCH_TOKEN", "")
+    if not token:
+        print("error: GP_LAUNCH_TOKEN is not set; the gateway must export it for each launch", file=sys.stderr)
+        sys.exit(2)
+    return token
