@@ -48,7 +48,11 @@ IGNORED = ("__pycache__", "*.pyc")  # never part of a spec: written next to the 
 
 # (glob under kernel-launchers/, directory in the spec) per language
 LAUNCHERS: dict[str, list[tuple[str, str]]] = {
-    "python": [("python/scripts/launch_ipykernel.py", "scripts"), ("shared/scripts/server_listener.py", "scripts")],
+    "python": [
+        ("python/scripts/launch_ipykernel.py", "scripts"),
+        ("python/scripts/spark_notebook.py", "scripts"),
+        ("shared/scripts/server_listener.py", "scripts"),
+    ],
     "r": [("R/scripts/launch_IRkernel.R", "scripts"), ("shared/scripts/server_listener.py", "scripts")],
     "scala": [("scala/scripts/launch_toree.sh", "scripts"), ("shared/scripts/server_listener.py", "scripts")],
 }

@@ -49,7 +49,13 @@ def toree_usable(spark_home: str) -> bool:
     return True
 
 
-PYTHON_FILES = {"kernel.json", "logo-64x64.png", "scripts/launch_ipykernel.py", "scripts/server_listener.py"}
+PYTHON_FILES = {
+    "kernel.json",
+    "logo-64x64.png",
+    "scripts/launch_ipykernel.py",
+    "scripts/spark_notebook.py",
+    "scripts/server_listener.py",
+}
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -116,7 +122,11 @@ def test_install_writes_the_seed_layout_with_an_absolute_interpreter(tmp_path: P
     assert proc.returncode == 0, proc.stderr
     assert f"Installed kernelspec ssh_python in {spec_dir}" in proc.stderr
     assert files(spec_dir) == PYTHON_FILES
-    for rel, src in (("launch_ipykernel.py", "python"), ("server_listener.py", "shared")):
+    for rel, src in (
+        ("launch_ipykernel.py", "python"),
+        ("spark_notebook.py", "python"),
+        ("server_listener.py", "shared"),
+    ):
         assert (spec_dir / "scripts" / rel).read_bytes() == (
             ROOT / "kernel-launchers" / src / "scripts" / rel
         ).read_bytes()
