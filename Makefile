@@ -6,6 +6,8 @@ APT_PKGS := openssh-server openssh-client iproute2 procps util-linux nftables su
 export PYTHONDONTWRITEBYTECODE := 1
 
 SPARK35_VENV ?= .venv-spark35
+TOREE_VERSION ?= 0.5.0
+TOREE_CACHE ?= build/cache/toree-$(TOREE_VERSION)
 export SG_SPARK35_VENV := $(abspath $(SPARK35_VENV))
 .PHONY: install system-deps test demo demo-standalone bench lint clean specs spark35
 
@@ -33,11 +35,11 @@ system-deps:  ## Debian packages the real test hosts need (sshd, ip, setsid; R a
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-test: install system-deps  ## the whole suite against real sshd hosts, Spark and Jupyter clients
+test: install system-deps $(TOREE_CACHE)/.fetched  ## the whole suite against real sshd hosts, Spark and Jupyter clients
 	$(VENV)/bin/ruff check spark_gateway kernel-launchers testlab tests bench examples
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
-demo: install  ## executes examples/*.ipynb through the provisioner on this machine
+demo: $(VENV)/.installed  ## executes examples/*.ipynb through the provisioner on this machine
 	$(PY) -m examples.demo
 
 demo-standalone: install system-deps  ## the same notebooks on SSH hosts in namespaces, against a standalone cluster (root)
@@ -53,9 +55,18 @@ SPECS_DIR ?= build/kernelspecs
 DIST_DIR ?= dist
 SPECS_OPTS ?=
 
-specs: $(VENV)/.installed  ## every kernelspec for SPARK_MASTER (yarn, spark://HOST:PORT, local[*]): build/kernelspecs/, dist/
+# Scala specs carry Apache Toree's assembly jar: taken from PyPI's apache-toree sdist into a build cache (no Spark 3
+# environment needed here). Toree 0.5 fits Spark 3.x (Scala 2.12); the specs and `make specs` say so.
+$(TOREE_CACHE)/.fetched: | $(VENV)/.installed
+	mkdir -p $(TOREE_CACHE)
+	$(PIP) download -q --no-deps --no-binary=:all: --dest $(TOREE_CACHE) 'apache-toree==$(TOREE_VERSION)'
+	$(PY) -m spark_gateway.specs extract-toree $(TOREE_CACHE)/apache[-_]toree-$(TOREE_VERSION).tar.gz $(TOREE_CACHE)
+	touch $@
+
+specs: $(VENV)/.installed $(TOREE_CACHE)/.fetched  ## every kernelspec for SPARK_MASTER (yarn, spark://HOST:PORT, local[*]): build/kernelspecs/, dist/
 	@test -n "$(SPARK_MASTER)" || { echo "usage: make specs SPARK_MASTER=yarn|spark://HOST:PORT|local[*] [SPECS_OPTS='--spark-home=/opt/spark ...']" >&2; exit 2; }
-	$(PY) -m spark_gateway.sshspec build --spark-master='$(SPARK_MASTER)' --output='$(SPECS_DIR)' --dist='$(DIST_DIR)' $(SPECS_OPTS)
+	$(PY) -m spark_gateway.sshspec build --spark-master='$(SPARK_MASTER)' --output='$(SPECS_DIR)' --dist='$(DIST_DIR)' \
+	  --toree-jar="$$(ls $(TOREE_CACHE)/toree-assembly-*.jar)" $(SPECS_OPTS)
 
 lint: install
 	$(VENV)/bin/ruff check spark_gateway kernel-launchers testlab tests bench examples

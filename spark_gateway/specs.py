@@ -49,7 +49,11 @@ IGNORED = ("__pycache__", "*.pyc")  # never part of a spec: written next to the 
 # (glob under kernel-launchers/, directory in the spec) per language; every one needs the listener and its modules
 SHARED = [("shared/scripts/server_listener.py", "scripts"), ("shared/scripts/sg_*.py", "scripts")]
 LAUNCHERS: dict[str, list[tuple[str, str]]] = {
-    "python": [("python/scripts/launch_ipykernel.py", "scripts"), *SHARED],
+    "python": [
+        ("python/scripts/launch_ipykernel.py", "scripts"),
+        ("python/scripts/spark_notebook.py", "scripts"),
+        *SHARED,
+    ],
     "r": [("R/scripts/launch_IRkernel.R", "scripts"), *SHARED],
     "scala": [("scala/scripts/launch_toree.sh", "scripts"), *SHARED],
 }
@@ -115,16 +119,20 @@ def kernel_name(value: str) -> str:
 
 
 def interpreter(language: str, path: str = "") -> str:
-    """The absolute interpreter path written into the spec: `path` when given, else the one on PATH."""
+    """The interpreter written into the spec: `path` when given (absolute); else this Python for Python, and a bare
+    `Rscript` for R, which each host resolves on its own PATH (`jupyter ssh-spec check` verifies it there), so specs
+    build on a machine without R."""
     tool = INTERPRETERS.get(language)
     if tool is None:
         return ""
     if not path:
-        path = sys.executable if language == "python" else shutil.which(tool) or ""
-        if not path:
-            raise SpecError(f"{tool} is not on PATH: install it, or pass --interpreter=/absolute/path/to/{tool}")
+        if language == "r":
+            return tool
+        path = sys.executable
     if not os.path.isabs(path):
         raise SpecError(f"interpreter {path!r} must be an absolute path (e.g. /usr/bin/{tool})")
+    if language == "r":  # the hosts' path: `check` verifies it on each of them
+        return path
     if not (os.path.isfile(path) and os.access(path, os.X_OK)):
         raise SpecError(f"interpreter {path} does not exist or is not executable: pass an existing {tool}")
     return path
@@ -298,6 +306,15 @@ def spark_scala_version(spark_home: str) -> tuple[str, str] | None:
     return jars[-1].name[len("scala-library-") : -len(".jar")], jars[-1].name
 
 
+def toree_fits(jar: Path) -> str:
+    """Which Spark versions a Toree assembly runs on, from its release (e.g. `Spark 3.x (Scala 2.12)`)."""
+    m = re.match(r"toree-assembly-(\d+\.\d+)\.", jar.name)
+    scala = TOREE_SCALA.get(m[1]) if m else None
+    if scala is None:
+        return "unknown (a Toree release not known here)"
+    return f"{SPARK_OF_SCALA.get(scala, 'Spark')} (Scala {scala})"
+
+
 def check_toree_scala(jar: Path, spark_home: str) -> str | None:
     """SpecError when Toree's Scala differs from the Spark's at `spark_home`; a warning when it cannot be told."""
     m = re.match(r"toree-assembly-(\d+\.\d+)\.", jar.name)
@@ -362,6 +379,9 @@ def render(opts: SpecOptions, install_dir: Path) -> dict[str, Any]:
         _set_flag(spec["argv"], CLASS_FLAG, opts.kernel_class_name)
     spec["display_name"] = opts.display_name
     spec["language"] = LANGUAGES[opts.language]
+    if opts.toree_jar:
+        spec.setdefault("metadata", {})["spark_gateway"] = {"toree": Path(opts.toree_jar).name,
+                                                            "fits_spark": toree_fits(Path(opts.toree_jar))}  # fmt: skip
     provisioner = spec.setdefault("metadata", {}).setdefault("kernel_provisioner", {"provisioner_name": PROVISIONER})
     provisioner.setdefault("config", {}).update(opts.config)
     return spec
@@ -548,3 +568,28 @@ def manifest(root: Path) -> dict[str, tuple[str, bool]]:
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
             result[path.relative_to(root).as_posix()] = (digest, bool(path.stat().st_mode & stat.S_IXUSR))
     return result
+
+
+def extract_toree_jar(sdist: Path, dest: Path) -> Path:
+    """Copy Apache Toree's assembly jar out of PyPI's apache-toree sdist (`toree/lib/toree-assembly-*.jar`) into
+    `dest` (`make specs`' build cache); SpecError when the archive has none."""
+    with tarfile.open(sdist) as tar:
+        members = [m for m in tar.getmembers() if m.isfile() and fnmatch.fnmatch(Path(m.name).name, TOREE_JAR)]
+        if not members:
+            raise SpecError(f"{sdist} holds no {TOREE_JAR}: is it PyPI's apache-toree source archive?")
+        source = tar.extractfile(members[-1])
+        assert source is not None
+        dest.mkdir(parents=True, exist_ok=True)
+        target = dest / Path(members[-1].name).name
+        with source, target.open("wb") as out:
+            shutil.copyfileobj(source, out)
+    return target
+
+
+if __name__ == "__main__":  # `python -m spark_gateway.specs extract-toree SDIST DEST` (the Makefile's Toree cache)
+    if len(sys.argv) != 4 or sys.argv[1] != "extract-toree":
+        sys.exit("usage: python -m spark_gateway.specs extract-toree APACHE_TOREE_SDIST DEST_DIR")
+    try:
+        print(f"extracted {extract_toree_jar(Path(sys.argv[2]), Path(sys.argv[3]))}")
+    except (SpecError, OSError, tarfile.TarError) as exc:
+        sys.exit(f"error: {exc}")

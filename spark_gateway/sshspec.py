@@ -214,7 +214,9 @@ class SshSpecBuilder(SshSpecInstaller):
         except (SpecError, OSError) as exc:
             self.fail(str(exc))
         for path in built:
-            print(f"built {path.name} in {path}")
+            toree = (specs.load(path).get("metadata") or {}).get("spark_gateway") or {}
+            fits = f" ({toree['toree']}: fits {toree['fits_spark']})" if toree.get("fits_spark") else ""
+            print(f"built {path.name} in {path}{fits}")
         for line in skipped:
             print(line)
         print(f"wrote {archive}: unpack it in {install_root} on the gateway and on every host")

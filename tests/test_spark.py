@@ -257,7 +257,7 @@ async def test_interrupt_cancels_the_running_job_and_the_kernel_stays_usable(lab
         assert job not in jobs("running")
     finally:
         kc.stop_channels()
-    assert "cancelled all Spark jobs" in log_text(km)
+    assert "cancelled the Spark jobs of" in log_text(km)
     # The cell got its KeyboardInterrupt after the JVM answered, not inside py4j's socket read, where py4j tears
     # its connections down (the next JVM call could then fail with Py4JNetworkError).
     assert (await execute(km, PY4J_PORT))[0] == py4j_port

@@ -35,36 +35,17 @@ needs_spark = pytest.mark.skipif(
     reason="the Spark templates (kernelspecs/ssh_python_spark/kernel.json and bin/run.sh, issue 4) are not here yet",
 )
 R_LAUNCHER = ROOT / "kernel-launchers" / "R" / "scripts" / "launch_IRkernel.R"
-RSCRIPT = shutil.which("Rscript") or ""
-needs_rscript = pytest.mark.skipif(not RSCRIPT, reason="Rscript is not installed (make system-deps installs R)")
 LISTENER_FILES = {
     "scripts/server_listener.py",
     *(f"scripts/{p.name}" for p in (ROOT / "kernel-launchers" / "shared" / "scripts").glob("sg_*.py")),
 }
-R_FILES = {
-    "kernel.json",
-    "logo-64x64.png",
-    "scripts/launch_IRkernel.R",
-    "scripts/server_listener.py",
-    "scripts/sg_protocol.py",
-}
-
-
-def toree_usable(spark_home: str) -> bool:
-    """Whether `ssh-spec install --language Scala` finds a Toree jar for `spark_home` and accepts that Spark."""
-    try:
-        specs.check_toree_scala(specs.find_toree_jar("", spark_home), spark_home)
-    except specs.SpecError:
-        return False
-    return True
-
-
+R_FILES = {"kernel.json", "logo-64x64.png", "scripts/launch_IRkernel.R", *LISTENER_FILES}
 PYTHON_FILES = {
     "kernel.json",
     "logo-64x64.png",
     "scripts/launch_ipykernel.py",
-    "scripts/server_listener.py",
-    "scripts/sg_protocol.py",
+    "scripts/spark_notebook.py",
+    *LISTENER_FILES,
 }
 
 
@@ -132,7 +113,11 @@ def test_install_writes_the_seed_layout_with_an_absolute_interpreter(tmp_path: P
     assert proc.returncode == 0, proc.stderr
     assert f"Installed kernelspec ssh_python in {spec_dir}" in proc.stderr
     assert files(spec_dir) == PYTHON_FILES
-    for rel, src in (("launch_ipykernel.py", "python"), ("server_listener.py", "shared")):
+    for rel, src in (
+        ("launch_ipykernel.py", "python"),
+        ("spark_notebook.py", "python"),
+        ("server_listener.py", "shared"),
+    ):
         assert (spec_dir / "scripts" / rel).read_bytes() == (
             ROOT / "kernel-launchers" / src / "scripts" / rel
         ).read_bytes()
@@ -351,7 +336,6 @@ def test_spark_install_for_each_master(tmp_path: Path, master: str, head: str) -
     assert config_of(spec) == config_of(json.loads((SPARK_TEMPLATE / "kernel.json").read_text()))
 
 
-@needs_rscript
 def test_r_layout(tmp_path: Path) -> None:
     opts, _ = SpecOptions(language="R").resolve()
     spec_dir = specs.install(opts, tmp_path / "kernels" / opts.kernel_name)
@@ -360,7 +344,7 @@ def test_r_layout(tmp_path: Path) -> None:
     assert (spec_dir / "scripts/launch_IRkernel.R").read_bytes() == R_LAUNCHER.read_bytes()
     spec = kernel_json(spec_dir)
     assert spec["argv"] == [
-        RSCRIPT, f"{spec_dir}/scripts/launch_IRkernel.R",
+        "Rscript", f"{spec_dir}/scripts/launch_IRkernel.R",
         "--kernel-id", "{kernel_id}", "--port-range", "{port_range}", "--response-address", "{response_address}",
         "--public-key", "{public_key}", "--spark-context-initialization-mode", "none",
     ]  # fmt: skip
@@ -368,7 +352,6 @@ def test_r_layout(tmp_path: Path) -> None:
     assert (spec["display_name"], spec["language"], config_of(spec)) == ("R SSH", "R", {"launch_timeout": 30})
 
 
-@needs_rscript
 @pytest.mark.parametrize(("master", "mode"), [("yarn", "lazy"), ("spark://m:7077", "eager")])
 def test_r_spark_layout(tmp_path: Path, master: str, mode: str) -> None:
     options = SpecOptions(language="R", spark=True, spark_master=master, spark_home="/srv/spark", spark_init_mode=mode,
@@ -382,11 +365,11 @@ def test_r_spark_layout(tmp_path: Path, master: str, mode: str) -> None:
     assert spec["argv"][spec["argv"].index("--spark-context-initialization-mode") + 1] == mode
     head = f"--master {master} " + ("--deploy-mode client " if master == "yarn" else "")
     assert spec["env"]["SPARK_OPTS"] == (
-        f"{head}--name ${{KERNEL_ID:-ERROR__NO__KERNEL_ID}} --conf spark.r.command={RSCRIPT} "
+        f"{head}--name ${{KERNEL_ID:-ERROR__NO__KERNEL_ID}} --conf spark.r.command=Rscript "
         "--conf spark.ui.enabled=false ${KERNEL_EXTRA_SPARK_OPTS}"
     )
     assert {k: spec["env"][k] for k in ("SPARK_HOME", "GP_RSCRIPT", "GP_LISTENER_PYTHON", "LAUNCH_OPTS")} == {
-        "SPARK_HOME": "/srv/spark", "GP_RSCRIPT": RSCRIPT, "GP_LISTENER_PYTHON": PY, "LAUNCH_OPTS": ""
+        "SPARK_HOME": "/srv/spark", "GP_RSCRIPT": "Rscript", "GP_LISTENER_PYTHON": PY, "LAUNCH_OPTS": ""
     }  # fmt: skip
 
 
@@ -508,6 +491,18 @@ def test_make_specs_for_yarn_and_standalone(tmp_path: Path, master: str, kind: s
     assert spark["env"]["SPARK_OPTS"].startswith(f"--master {master} ")
     assert ("--deploy-mode client" in spark["env"]["SPARK_OPTS"]) == (kind == "yarn")
     assert (tmp_path / "dist" / f"spark_gateway-{__version__}-kernelspecs-{kind}.tar.gz").is_file()
+    # Every language, whatever this machine has: R names the hosts' Rscript, Scala carries Toree from the build cache
+    built = sorted(p.name for p in (tmp_path / "build").iterdir())
+    assert built == ["ssh_python", "ssh_python_spark", "ssh_r", "ssh_r_spark", "ssh_scala", "ssh_scala_spark"]
+    assert kernel_json(tmp_path / "build/ssh_r")["argv"][0] == "Rscript"
+    assert kernel_json(tmp_path / "build/ssh_r_spark")["env"]["GP_RSCRIPT"] == "Rscript"
+    jar = "toree-assembly-0.5.0-incubating.jar"
+    for name in ("ssh_scala", "ssh_scala_spark"):
+        assert (tmp_path / "build" / name / "lib" / jar).is_file()
+        assert kernel_json(tmp_path / "build" / name)["metadata"]["spark_gateway"] == {
+            "toree": jar, "fits_spark": "Spark 3.x (Scala 2.12)"
+        }  # fmt: skip
+        assert f"built {name} in {tmp_path / 'build' / name} ({jar}: fits Spark 3.x (Scala 2.12))" in proc.stdout
 
 
 # ------------------------------------------------------------------------------------------------ the hosts
@@ -790,12 +785,13 @@ async def test_make_specs_output_loads_and_starts_kernels(lab: HostLab, hosts: l
     built = sorted(p.name for p in build.iterdir())
     assert "ssh_python" in built
     assert ("ssh_python_spark" in built) == (SPARK_TEMPLATE / "kernel.json").is_file()
-    assert ("ssh_r" in built) == ("ssh_r_spark" in built) == bool(RSCRIPT)
-    assert ("ssh_scala" in built) == toree_usable(str(spark_home))  # pyspark 4 here: Toree's Scala 2.12 refused
-    if "ssh_scala" not in built:
-        assert "skipped ssh_scala: " in proc.stdout
-    if not RSCRIPT:
-        assert "skipped ssh_r: Rscript is not on PATH" in proc.stdout
+    assert "ssh_r" in built and "ssh_r_spark" in built  # Rscript is the hosts' (bare name), not the build machine's
+    scala_ok = (specs.spark_scala_version(str(spark_home)) or ("2.12",))[0].startswith("2.12")
+    assert ("ssh_scala" in built) == scala_ok  # Toree from the build cache; pyspark 4 here: its Scala 2.13 refused
+    if not scala_ok:
+        assert (
+            "skipped ssh_scala: Apache Toree toree-assembly-0.5.0-incubating.jar is built for Scala 2.12" in proc.stdout
+        )
     ksm = KernelSpecManager(kernel_dirs=[str(build)])
     assert sorted(k for k, path in ksm.find_kernel_specs().items() if Path(path).parent == build) == built
     for name in built:

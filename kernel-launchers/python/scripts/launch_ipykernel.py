@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -142,11 +143,22 @@ class _JvmOutput:
 
 
 class _SparkName:
-    """`spark`, `sc` or `sql` until first use: waits for the session, then the real object takes its place."""
+    """`spark`, `sc` or `sql` until first use: waits for the session, then the real object takes its place.
+
+    Whatever needs no session answers at once: ``isinstance(spark, SparkSession)`` (through ``__class__``, as
+    unittest.mock's spec does), ``dir()``, the docstring; everything else waits for the session and goes to it."""
 
     def __init__(self, starter: SparkSessionStarter, name: str) -> None:
         object.__setattr__(self, "_starter", starter)
         object.__setattr__(self, "_name", name)
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:  # noqa: D105
+        return self._starter.real_class(self._name)
+
+    @property
+    def __doc__(self) -> str | None:  # type: ignore[override]
+        return self._starter.real_class(self._name).__doc__
 
     def _target(self) -> Any:
         return self._starter.resolve(self._name)
@@ -165,7 +177,7 @@ class _SparkName:
 
     def __dir__(self) -> list[str]:  # tab completion must not wait for the JVM
         ready = self._starter.session
-        return dir(self._starter.objects()[self._name]) if ready is not None else []
+        return dir(self._starter.objects()[self._name] if ready is not None else self._starter.real_class(self._name))
 
 
 class SparkSessionStarter:
@@ -185,6 +197,8 @@ class SparkSessionStarter:
         self._thread: threading.Thread | None = None
         self._shown = False
         self._user_ns: dict[str, Any] | None = None
+        self._shell: Any = None
+        self.jobs: Any = None  # spark_notebook.CellJobs once installed: each cell's job group and progress
         self._awaiting: FrameType | None = None  # the frame that gets the KeyboardInterrupt once the JVM answers
         self._cancelling = False  # this cell's interrupt has cancelled the jobs already
         logging.getLogger("py4j").setLevel(logging.WARNING)  # not one line per py4j connection in the kernel log
@@ -279,11 +293,32 @@ class SparkSessionStarter:
     def objects(self) -> dict[str, Any]:
         return {"spark": self.session, "sc": self.session.sparkContext, "sql": self.session.sql}
 
+    def real_class(self, name: str) -> type:
+        """The class of the object behind a name, without waiting for the session."""
+        if self.session is not None:
+            return type(self.objects()[name])
+        if name == "sql":
+            return types.MethodType
+        from pyspark import SparkContext
+        from pyspark.sql import SparkSession
+
+        return SparkSession if name == "spark" else SparkContext
+
     def install(self, kernel: Any) -> None:
-        """Put `spark`, `sc` and `sql` into the user namespace; cancel Spark jobs when a cell is interrupted."""
-        shell = kernel.shell
+        """Put `spark`, `sc` and `sql` into the user namespace (the real objects once the session exists, as in eager
+        mode), `%spark`, a job group and progress display per cell; cancel the cell's jobs when it is interrupted."""
+        import spark_notebook
+
+        shell = self._shell = kernel.shell
         self._user_ns = shell.user_ns
-        shell.user_ns.update({name: _SparkName(self, name) for name in SPARK_NAMES})
+        if self.session is not None:
+            shell.user_ns.update(self.objects())
+            shell.events.register("pre_run_cell", self._announce_once)
+        else:
+            shell.user_ns.update({name: _SparkName(self, name) for name in SPARK_NAMES})
+        self.jobs = spark_notebook.CellJobs(self, kernel, spark_notebook.progress_enabled())
+        self.jobs.install(shell)
+        spark_notebook.install_magic(shell, self, self.jobs)
         shell.set_custom_exc((KeyboardInterrupt,), self._on_interrupt)
         hook = kernel.pre_handler_hook  # ipykernel makes SIGINT raise KeyboardInterrupt while a message is handled
 
@@ -294,6 +329,17 @@ class SparkSessionStarter:
 
         kernel.pre_handler_hook = pre_handler_hook
 
+    def _announce(self) -> None:
+        if not self._shown:
+            self._shown = True
+            d = self.details
+            print(f"Spark application {d['app_id']} ({d['app_name']}) on {d['master']}; Spark UI: {d['ui_url']}")
+
+    def _announce_once(self, info: Any = None) -> None:
+        """Eager mode: the first cell says which application this kernel is."""
+        self._announce()
+        self._shell.events.unregister("pre_run_cell", self._announce_once)
+
     def resolve(self, name: str) -> Any:
         """The real object behind a name: waits for the session, shows the application once, replaces the names."""
         self.wait()
@@ -301,12 +347,12 @@ class SparkSessionStarter:
             raise SparkSessionError(f"the SparkSession could not be created: {self.error}")
         objects = self.objects()
         if not self._shown:
-            self._shown = True
-            d = self.details
-            print(f"Spark application {d['app_id']} ({d['app_name']}) on {d['master']}; Spark UI: {d['ui_url']}")
+            self._announce()
             for key, proxy in list((self._user_ns or {}).items()):
-                if key in objects and isinstance(proxy, _SparkName):
+                if key in objects and type(proxy) is _SparkName:
                     self._user_ns[key] = objects[key]  # type: ignore[index]
+        if self.jobs is not None:
+            self.jobs.bind()  # the running cell's jobs from now on are in its group
         return objects[name]
 
     def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
@@ -334,10 +380,12 @@ class SparkSessionStarter:
             sys.settrace(None)
 
     def cancel_jobs(self) -> None:
-        """Cancel all jobs of the session (needs a py4j connection of its own: not the signalled main thread)."""
+        """Cancel the running cell's Spark jobs (needs a py4j connection of its own: not the signalled main thread)."""
         try:
-            self.session.sparkContext.cancelAllJobs()
-            log.info("interrupt: cancelled all Spark jobs of %s", self.details.get("app_id"))
+            if self.jobs is not None:
+                self.jobs.cancel()
+            else:
+                self.session.sparkContext.cancelAllJobs()
         except Exception as exc:
             log.warning("interrupt: cannot cancel Spark jobs: %r", exc)
 
