@@ -163,6 +163,23 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         config=True, help="Seconds a failed host is left alone, doubling per failure up to 300 (GP_HOST_QUARANTINE)."
     )
 
+    orphan_timeout = Float(
+        config=True,
+        help="Seconds a kernel nobody polls (its gateway gone) runs before it shuts itself down; 0: never "
+        "(GP_ORPHAN_TIMEOUT).",
+    )
+    max_kernels_per_user = Integer(
+        config=True, help="Kernels one KERNEL_USERNAME may run over all hosts; 0: no limit (GP_MAX_KERNELS_PER_USER)."
+    )
+
+    @default("orphan_timeout")
+    def _orphan_default(self) -> float:
+        return float(os.environ.get("GP_ORPHAN_TIMEOUT", "1800"))
+
+    @default("max_kernels_per_user")
+    def _max_per_user_default(self) -> int:
+        return int(os.environ.get("GP_MAX_KERNELS_PER_USER", "0"))
+
     @default("enable_tunneling")
     def _tunneling_default(self) -> bool:
         return _env_bool("GP_ENABLE_TUNNELING", False)
@@ -412,6 +429,7 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self._spark_exports(values, words, username)
         words["GP_LAUNCH_TOKEN"] = token
         words["GP_KERNEL_LOG_DIR"] = shlex.quote(self.kernel_log_dir)
+        words["GP_ORPHAN_TIMEOUT"] = shlex.quote(f"{max(0.0, self.orphan_timeout):g}")
         return words
 
     # ------------------------------------------------------------------ placement
