@@ -1,0 +1,79 @@
+"""A real `jupyter server` with DistributedMappingKernelManager, killed with SIGKILL and started again."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+from collections.abc import Iterator
+
+import pytest
+import requests
+
+from tests.conftest import eventually, kernel_processes, wait_for
+from tests.jupyter_rest import AUTH, run_code
+from tests.server_process import ServerProcess
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture
+def server(lab, kernels_dir, tmp_path) -> Iterator[ServerProcess]:
+    srv = ServerProcess(lab, tmp_path, [kernels_dir / "ssh_python"], "--DistributedProvisioner.unreachable_grace=5")
+    try:
+        yield srv
+    finally:
+        if srv.proc is None and srv.store.exists() and any(srv.store.glob("*.json")):
+            srv.start()  # adopt what the test left, so that it can be shut down
+        if srv.proc is not None:
+            for kernel_id in srv.kernels():
+                srv.delete_kernel(kernel_id)
+            srv.stop()
+
+
+def host_of(lab, kernel_id: str):
+    return next(h for h in lab.hosts if kernel_processes(h, kernel_id))
+
+
+async def test_sigkilled_server_restarts_with_the_same_kernels_and_variables(lab, server):
+    server.start()
+    kept, lost = server.start_kernel(), server.start_kernel()
+    assert (await run_code(server.base, kept, "x = 41; print('set')")).strip() == "set"
+    kept_host, lost_host = host_of(lab, kept), host_of(lab, lost)
+
+    # the store: a 0700 directory of 0600 records, one per kernel; their secrets never reach the log
+    assert stat.S_IMODE(server.store.stat().st_mode) == 0o700
+    files = {p.stem: p for p in server.store.glob("*.json")}
+    assert set(files) == {kept, lost}
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files.values())
+    record = json.loads(files[kept].read_text())
+    assert record["kernel_name"] == "ssh_python"
+    assert record["provisioner_info"]["host"] in {h.name for h in lab.hosts}
+
+    server.kill()
+    assert kernel_processes(kept_host, kept)  # the kernels outlive their gateway
+    for pid, _ in kernel_processes(lost_host, lost):  # ... and one of them dies while no gateway runs
+        os.kill(pid, signal.SIGKILL)
+    assert wait_for(lambda: not kernel_processes(lost_host, lost), 5.0)
+
+    server.start()
+    assert await eventually(lambda: kept in server.kernels(), 30.0), server.log_text()[-3000:]
+    assert (await run_code(server.base, kept, "print(x + 1)")).strip() == "42"  # same kernel, same variables
+    assert await eventually(lambda: not (server.store / f"{lost}.json").exists(), 30.0)
+    assert lost not in server.kernels()
+
+    secrets = [record["provisioner_info"]["connection_info"]["key"], record["provisioner_info"]["listener"][2]]
+    assert not any(s in server.log_text() for s in secrets)
+
+    # a restored kernel restarts like any other (same host, new process), and its record follows
+    r = requests.post(f"{server.base}/api/kernels/{kept}/restart", headers=AUTH, timeout=120)
+    assert r.status_code == 200, r.text
+    assert (await run_code(server.base, kept, "print('again')")).strip() == "again"
+    assert host_of(lab, kept) is kept_host
+    after = json.loads((server.store / f"{kept}.json").read_text())["provisioner_info"]
+    assert after["listener"][2] != record["provisioner_info"]["listener"][2]  # the new process's own secret
+
+    assert server.delete_kernel(kept) == 204
+    assert wait_for(lambda: not kernel_processes(kept_host, kept), 5.0)
+    assert not (server.store / f"{kept}.json").exists()
