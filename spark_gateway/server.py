@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import paramiko
 from jupyter_client.provisioning import KernelProvisionerFactory
 from jupyter_core.paths import jupyter_data_dir
 from jupyter_server._tz import utcnow
@@ -264,7 +265,7 @@ class DistributedMappingKernelManager(AsyncMappingKernelManager):
         """Load the recorded info (tunnels re-opened); "alive", "gone" or "unreachable"."""
         try:
             await provisioner.load_provisioner_info(info)
-        except (SshError, OSError, EOFError, asyncio.TimeoutError) as exc:
+        except (SshError, paramiko.SSHException, OSError, EOFError, asyncio.TimeoutError) as exc:
             self.log.info("kernel %s: host %s not reachable yet (%s)", provisioner.kernel_id, info.get("host"), exc)
             return "unreachable"
         try:

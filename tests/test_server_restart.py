@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -77,3 +78,41 @@ async def test_sigkilled_server_restarts_with_the_same_kernels_and_variables(lab
     assert server.delete_kernel(kept) == 204
     assert wait_for(lambda: not kernel_processes(kept_host, kept), 5.0)
     assert not (server.store / f"{kept}.json").exists()
+
+
+async def test_tunnelled_kernels_on_hosts_down_at_restart(lab, kernels_dir, tmp_path):
+    """Restored when the host answers within unreachable_grace; else cleaned up when it comes back."""
+    if lab.mode != "netns":
+        pytest.skip("cutting a host's network needs namespace hosts")
+    server = ServerProcess(
+        lab, tmp_path, [kernels_dir / "ssh_python"], "--DistributedProvisioner.enable_tunneling=True",
+        "--DistributedProvisioner.unreachable_grace=20", "--DistributedProvisioner.host_quarantine=0.5",
+    )  # fmt: skip
+    server.start()
+    back_soon, back_late = server.start_kernel(), server.start_kernel()
+    soon_host, late_host = host_of(lab, back_soon), host_of(lab, back_late)
+    assert soon_host is not late_host  # round-robin over a fresh gateway
+    assert (await run_code(server.base, back_soon, "x = 'tunnelled'; print('set')")).strip() == "set"
+    server.kill()
+    soon_host.cut_network()
+    late_host.cut_network()
+    try:
+        server.start()
+        await asyncio.sleep(3.0)
+        soon_host.restore_network()  # within the grace: adopted, through new tunnels
+        assert await eventually(lambda: back_soon in server.kernels(), 40.0), server.log_text()[-3000:]
+        assert (await run_code(server.base, back_soon, "print(x)")).strip() == "tunnelled"
+        # the other host stays away longer than the grace: the kernel is forgotten ...
+        assert await eventually(lambda: not (server.store / f"{back_late}.json").exists(), 60.0)
+        assert back_late not in server.kernels()
+        assert kernel_processes(late_host, back_late)  # ... but cannot be ended while its host is unreachable
+        late_host.restore_network()
+        assert await eventually(lambda: not kernel_processes(late_host, back_late), 30.0)  # ... until it returns
+    finally:
+        soon_host.restore_network()
+        late_host.restore_network()
+        if server.proc is not None:
+            for kernel_id in server.kernels():
+                server.delete_kernel(kernel_id)
+            server.stop()
+    assert not kernel_processes(soon_host, back_soon)
