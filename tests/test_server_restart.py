@@ -12,9 +12,11 @@ from collections.abc import Iterator
 import pytest
 import requests
 
+from spark_gateway.specs import SpecOptions, install
 from tests.conftest import eventually, kernel_processes, wait_for
 from tests.jupyter_rest import AUTH, run_code
 from tests.server_process import ServerProcess
+from tests.spark_cluster import SPARK_HOME
 
 pytestmark = pytest.mark.asyncio
 
@@ -116,3 +118,40 @@ async def test_tunnelled_kernels_on_hosts_down_at_restart(lab, kernels_dir, tmp_
                 server.delete_kernel(kernel_id)
             server.stop()
     assert not kernel_processes(soon_host, back_soon)
+
+
+async def test_spark_kernel_survives_a_restart_then_is_culled_with_its_application(
+    lab, kernels_dir, spark_cluster, tmp_path
+):
+    """Spark kernel on the standalone cluster: same SparkSession after SIGKILL + restart; culled when idle."""
+    opts, _ = SpecOptions(spark=True, spark_master=spark_cluster.url, spark_init_mode="lazy", kernel_name="ops_spark",
+                          spark_home=SPARK_HOME).resolve()  # fmt: skip
+    spec = install(opts, kernels_dir / "ops_spark", replace=True)
+    server = ServerProcess(lab, tmp_path, [spec], GP_LAUNCH_TIMEOUT="120")
+    server.start()
+    try:
+        kernel_id = server.start_kernel("ops_spark")
+        host = host_of(lab, kernel_id)
+        code = "df = spark.range(100); print(sc.applicationId, df.count())"
+        app_id, count = (await run_code(server.base, kernel_id, code)).strip().splitlines()[-1].split()
+        assert count == "100" and spark_cluster.app(kernel_id)["state"] == "RUNNING"
+        server.kill()
+
+        server.args = ["--MappingKernelManager.cull_idle_timeout=8", "--MappingKernelManager.cull_interval=1"]
+        server.start()
+        assert await eventually(lambda: kernel_id in server.kernels(), 30.0), server.log_text()[-3000:]
+        again = await run_code(server.base, kernel_id, "print(sc.applicationId, df.selectExpr('sum(id)').first()[0])")
+        assert again.strip().split() == [app_id, "4950"]  # the same SparkSession and DataFrame
+
+        # idle for cull_idle_timeout: jupyter_server culls it, and that ends it on its host with its application
+        assert await eventually(lambda: kernel_id not in server.kernels(), 60.0), server.log_text()[-3000:]
+        assert "Culling 'idle' kernel" in server.log_text()
+        assert await eventually(lambda: not kernel_processes(host, kernel_id), 15.0)
+        assert await eventually(lambda: spark_cluster.app(kernel_id)["state"] == "FINISHED", 30.0)
+        assert await eventually(lambda: not spark_cluster.executors(app_id), 30.0)
+        assert not (server.store / f"{kernel_id}.json").exists()
+    finally:
+        if server.proc is not None:
+            for kid in server.kernels():
+                server.delete_kernel(kid)
+            server.stop()
