@@ -22,7 +22,7 @@ from jupyter_client.provisioning import KernelProvisionerBase
 from tornado import web
 from traitlets import Bool, Float, Integer, List, Set, TraitError, Unicode, default, validate
 
-from . import callback, tunnel
+from . import callback, limits, tunnel
 from .control import ControlError, ControlRefused, control_request
 from .placement import (
     ALGORITHMS,
@@ -97,6 +97,7 @@ class _Gateway:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     reaper: asyncio.Task | None = None
     inventories: dict[tuple[int, str], tuple[float, asyncio.Future]] = field(default_factory=dict)
+    users: limits.UserLaunches = field(default_factory=limits.UserLaunches)  # launches admitted, still starting
 
 
 _gateways: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Gateway] = weakref.WeakKeyDictionary()
@@ -524,6 +525,30 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         return _selector.round_robin(self.remote_hosts, usable)
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
+        try:
+            return await self._launch_kernel(cmd, **kwargs)
+        finally:
+            (await self._gateway()).users.end(self.kernel_id)  # admitted by _admit: the hosts now show it, or not
+
+    async def _admit(self, username: str) -> None:
+        """Refuse (403) a start beyond max_kernels_per_user, counting the user's kernels on every host."""
+        if self.max_kernels_per_user <= 0:
+            return
+        earlier = (await self._gateway()).users.begin(self.kernel_id, username)
+
+        async def inventory(host: str) -> str:
+            return (await self._run_on_host(host, limits.USER_INVENTORY, timeout=self.ssh_connect_timeout + 5)).stdout
+
+        running, unknown = await limits.running_for(username, self.remote_hosts, inventory)
+        running = {h: [k for k in ids if k != self.kernel_id] for h, ids in running.items()}
+        starting = [k for k in earlier if not any(k in ids for ids in running.values())]
+        message = limits.refusal(username, self.max_kernels_per_user, running, starting)
+        if message:
+            raise ProvisionerError(403, message)
+        if unknown:
+            self.log.warning("kernels of %s not counted on hosts that did not answer: %s", username, "; ".join(unknown))
+
+    async def _launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         env: dict[str, str] = kwargs.get("env") or {}
         if not KERNEL_ID.match(self.kernel_id or ""):
             raise ProvisionerError(400, f"kernel id {self.kernel_id!r} is not a valid id (letters, digits, . _ -)")
@@ -535,6 +560,7 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             raise ProvisionerError(400, str(exc)) from None
         self.pool.health.base = self.host_quarantine
         self._check_client_env(env)
+        await self._admit(username)
         pinned = env.get("KERNEL_REMOTE_HOST") or None
         sticky = bool(self._restart_host and self.restart_same_host)
         tried: set[str] = set()

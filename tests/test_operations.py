@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import requests
 
-from tests.conftest import env, eventually, kernel_processes
+from tests.conftest import env, eventually, kernel_processes, wait_for
+from tests.jupyter_rest import AUTH
+from tests.server_process import ServerProcess
 
-pytestmark = pytest.mark.asyncio
 
-
+@pytest.mark.asyncio
 async def test_an_orphaned_kernel_ends_itself_and_a_polled_one_does_not(lab, managers):
     host = lab.hosts[0]
     orphan, polled = managers(orphan_timeout=3.0), managers(orphan_timeout=3.0)
@@ -34,3 +36,58 @@ async def test_an_orphaned_kernel_ends_itself_and_a_polled_one_does_not(lab, man
     finally:
         poller.cancel()
     assert not await orphan.is_alive()
+
+
+@pytest.mark.asyncio
+async def test_max_kernels_per_user_counts_what_the_hosts_run(lab, managers):
+    carol = [managers(max_kernels_per_user=2) for _ in range(3)]
+    await carol[0].start_kernel(env=env(KERNEL_USERNAME="carol", KERNEL_REMOTE_HOST=lab.hosts[0].name))
+    await carol[1].start_kernel(env=env(KERNEL_USERNAME="carol", KERNEL_REMOTE_HOST=lab.hosts[1].name))
+    with pytest.raises(Exception, match="already runs 2 kernel") as info:
+        await carol[2].start_kernel(env=env(KERNEL_USERNAME="carol"))
+    assert info.value.status_code == 403
+    message = str(info.value)
+    assert f"{carol[0].kernel_id} on {lab.hosts[0].name}" in message
+    assert f"{carol[1].kernel_id} on {lab.hosts[1].name}" in message
+    assert not any(kernel_processes(h, carol[2].kernel_id) for h in lab.hosts)
+
+    dave = managers(max_kernels_per_user=2)  # another user is not held back by carol's kernels
+    await dave.start_kernel(env=env(KERNEL_USERNAME="dave"))
+    assert await dave.is_alive()
+
+    await carol[0].shutdown_kernel()  # one fewer on the hosts: carol may start again
+    await carol[2].start_kernel(env=env(KERNEL_USERNAME="carol"))
+    assert await carol[2].is_alive()
+
+
+@pytest.mark.asyncio
+async def test_max_kernels_per_user_counts_a_burst_still_starting(lab, managers):
+    kms = [managers(max_kernels_per_user=2) for _ in range(4)]
+    outcomes = await asyncio.gather(*(km.start_kernel(env=env(KERNEL_USERNAME="erin")) for km in kms),
+                                    return_exceptions=True)  # fmt: skip
+    refused = [o for o in outcomes if isinstance(o, Exception)]
+    assert len(refused) == 2 and all(o.status_code == 403 for o in refused), outcomes
+    running = [km for km in kms if km.has_kernel]
+    assert len(running) == 2 and all([await km.is_alive() for km in running])
+
+
+def test_max_kernels_per_user_holds_across_gateways(lab, kernels_dir, tmp_path):
+    """Two `jupyter server` processes share the hosts: the second refuses the user's kernel the first started."""
+    first = ServerProcess(lab, tmp_path / "a", [kernels_dir / "ssh_python"], GP_MAX_KERNELS_PER_USER="1")
+    second = ServerProcess(lab, tmp_path / "b", [kernels_dir / "ssh_python"], GP_MAX_KERNELS_PER_USER="1")
+    try:
+        first.start()
+        second.start()
+        kernel_id = first.start_kernel()
+        host = next(h for h in lab.hosts if kernel_processes(h, kernel_id))
+        r = requests.post(f"{second.base}/api/kernels", json={"name": "ssh_python"}, headers=AUTH, timeout=120)
+        assert r.status_code == 403, r.text
+        assert "user 'alice' already runs 1 kernel(s)" in r.json()["message"]
+        assert f"{kernel_id} on {host.name}" in r.json()["message"]
+        assert first.delete_kernel(kernel_id) == 204
+        assert wait_for(lambda: not kernel_processes(host, kernel_id), 5.0)
+        kernel_id = second.start_kernel()  # the hosts no longer run one for alice
+        assert second.delete_kernel(kernel_id) == 204
+    finally:
+        first.stop()
+        second.stop()
