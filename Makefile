@@ -47,6 +47,7 @@ bench: install system-deps  ## benchmarks: ratios against references measured in
 	$(PY) bench/launch.py
 	$(PY) bench/placement.py
 	$(PY) bench/spark.py
+	$(PY) bench/scale.py
 
 SPARK_MASTER ?=
 SPECS_DIR ?= build/kernelspecs

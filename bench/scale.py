@@ -1,0 +1,149 @@
+"""Scale benchmark: a burst of 30 kernels over 3 namespace hosts (least-connection) against 30 LocalProvisioner
+kernels at once in the same run; the gateway's idle CPU while every kernel is polled as jupyter_server polls it
+(plain and tunnelled); a mass shutdown; and what one gateway holds per kernel (fds, threads, SSH channels).
+
+Targets: all-ready ratio <= 1.15, 0 failed, spread 10/10/10; idle <= 10 ms of gateway CPU per kernel-minute;
+every process gone <= 5 s after a mass shutdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+from jupyter_client import AsyncKernelManager
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import bench_lab, until_ready  # noqa: E402
+from spark_gateway import provisioner  # noqa: E402
+from spark_gateway.specs import write_spec  # noqa: E402
+
+POLL_INTERVAL = 3.0  # jupyter_server's restarter: is_alive() every KernelRestarter.time_to_dead (3 s)
+SLOW_POLL = 10.0  # with c.KernelRestarter.time_to_dead = 10
+USER = {"KERNEL_USERNAME": "bench"}
+
+
+def gateway_resources() -> dict[str, int]:
+    """File descriptors and threads of this (the gateway's) process, and SSH channels open on its connections."""
+    channels = sum(
+        len(getattr(client.get_transport(), "_channels", {}) or {})
+        for pool in provisioner._pools.values()
+        for client in pool._clients.values()
+        if client.get_transport() is not None
+    )
+    return {"fds": len(os.listdir("/proc/self/fd")), "threads": threading.active_count(), "ssh_channels": channels}
+
+
+async def burst(kms: list[AsyncKernelManager], env: dict[str, str]) -> tuple[float, list]:
+    started = time.perf_counter()
+    outcomes = await asyncio.gather(*(until_ready(km, env) for km in kms), return_exceptions=True)
+    return time.perf_counter() - started, outcomes
+
+
+async def idle_cpu(kms: list[AsyncKernelManager], seconds: float, interval: float = POLL_INTERVAL) -> float:
+    """Gateway CPU (ms, all threads) per kernel-minute while each kernel is polled every `interval` seconds."""
+
+    async def poll(km: AsyncKernelManager) -> None:
+        await asyncio.sleep(interval * (kms.index(km) / len(kms)))  # the restarters' phases are spread
+        while True:
+            if not await km.is_alive():
+                raise RuntimeError(f"kernel {km.kernel_id} died while idle")
+            await asyncio.sleep(interval)
+
+    pollers = [asyncio.ensure_future(poll(km)) for km in kms]
+    await asyncio.sleep(interval)  # every poller in its rhythm
+    cpu0, wall0 = time.process_time(), time.monotonic()
+    await asyncio.sleep(seconds)
+    cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+    for p in pollers:
+        p.cancel()
+    await asyncio.gather(*pollers, return_exceptions=True)
+    return cpu * 1000 / (len(kms) * wall / 60)
+
+
+async def mass_shutdown(kms: list[AsyncKernelManager], lab) -> float:
+    """Seconds from asking every kernel to shut down (as DELETE /api/kernels/ID does) until no process is left."""
+    ids = [km.kernel_id for km in kms if km.has_kernel]
+    started = time.perf_counter()
+    await asyncio.gather(*(km.shutdown_kernel() for km in kms if km.has_kernel), return_exceptions=True)
+    while any(kid in cmd for h in lab.hosts for _, cmd in h.processes() for kid in ids):
+        await asyncio.sleep(0.02)
+    return time.perf_counter() - started
+
+
+def tunnelled_spec(kernels: Path) -> None:
+    path = write_spec(kernels / "ssh_python_tunnel")
+    spec = json.loads((path / "kernel.json").read_text())
+    spec["metadata"]["kernel_provisioner"].setdefault("config", {})["enable_tunneling"] = True
+    (path / "kernel.json").write_text(json.dumps(spec))
+
+
+async def main(count: int, idle_seconds: float) -> None:
+    config = {"load_balancing_algorithm": "least-connection", "launch_timeout": 120.0}
+    with bench_lab(3, **config) as (lab, kernels, manager):
+        tunnelled_spec(kernels)
+        empty = gateway_resources()
+        warm = [manager("ssh_python") for _ in range(3)]  # key pair, SSH connections, imports
+        await burst(warm, USER)
+        await asyncio.gather(*(km.shutdown_kernel(now=True) for km in warm if km.has_kernel))
+        base = gateway_resources()
+
+        local_kms = [manager("local_python") for _ in range(count)]
+        local, local_out = await burst(local_kms, {})
+        await asyncio.gather(*(km.shutdown_kernel(now=True) for km in local_kms if km.has_kernel))
+
+        remote_kms = [manager("ssh_python") for _ in range(count)]
+        remote, remote_out = await burst(remote_kms, USER)
+        failed = [o for o in remote_out if isinstance(o, BaseException)]
+        spread = Counter(km.provisioner.host for km in remote_kms if km.has_kernel)
+        idle = await idle_cpu([km for km in remote_kms if km.has_kernel], idle_seconds)
+        idle_slow = await idle_cpu([km for km in remote_kms if km.has_kernel], idle_seconds, SLOW_POLL)
+        held = gateway_resources()
+
+        tunnel_kms = [manager("ssh_python_tunnel") for _ in range(count)]
+        tunnel_wall, tunnel_out = await burst(tunnel_kms, USER)
+        tunnel_failed = [o for o in tunnel_out if isinstance(o, BaseException)]
+        tunnel_idle = await idle_cpu([km for km in tunnel_kms if km.has_kernel], idle_seconds)
+        held_both = gateway_resources()
+
+        gone = await mass_shutdown(remote_kms, lab)
+        gone_tunnel = await mass_shutdown(tunnel_kms, lab)
+
+    local_failed = [o for o in local_out if isinstance(o, BaseException)]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    print(f"scale benchmark: {count} kernels at once over 3 hosts (least-connection); machine shared and noisy")
+    print(
+        f"  burst: remote {remote:6.2f} s  LocalProvisioner {local:6.2f} s  ratio {remote / local:.2f} (target <= 1.15)"
+        f"  failed {len(failed)} (local {len(local_failed)})  spread {dict(sorted(spread.items()))}"
+    )
+    for label, errors in (("remote", failed), ("local", local_failed), ("tunnelled", tunnel_failed)):
+        if errors:
+            print(f"    {label}: first failure: {errors[0]}", file=sys.stderr)
+    print(
+        f"  idle, polled every {POLL_INTERVAL:g} s: {idle:.2f} ms CPU per kernel-minute (target <= 10); "
+        f"tunnelled ({count} more, burst {tunnel_wall:.2f} s, failed {len(tunnel_failed)}): {tunnel_idle:.2f}"
+        f"\n  idle, polled every {SLOW_POLL:g} s (c.KernelRestarter.time_to_dead={SLOW_POLL:g}): {idle_slow:.2f} ms"
+    )
+    print(f"  mass shutdown, every process gone: {gone:.2f} s (tunnelled {gone_tunnel:.2f} s) (target <= 5)")
+    per = {k: (held[k] - base[k]) / count for k in held}
+    per_tunnel = {k: (held_both[k] - held[k]) / count for k in held}
+    print(
+        f"  held: {count} kernels {held}, {2 * count} (half tunnelled) {held_both}; empty {empty}, warm {base}"
+        f"\n  per kernel: plain {per}; tunnelled {per_tunnel}; RLIMIT_NOFILE {soft}/{hard}"
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--count", type=int, default=30)
+    parser.add_argument("--idle-seconds", type=float, default=60.0)
+    args = parser.parse_args()
+    asyncio.run(main(args.count, args.idle_seconds))
