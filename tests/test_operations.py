@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import requests
 
+from spark_gateway.control import control_request
 from tests.conftest import env, eventually, kernel_processes, wait_for
 from tests.jupyter_rest import AUTH
 from tests.server_process import ServerProcess
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernel-launchers" / "shared" / "scripts"))
+import server_listener as sl  # noqa: E402
 
 
 @pytest.mark.asyncio
@@ -91,3 +101,33 @@ def test_max_kernels_per_user_holds_across_gateways(lab, kernels_dir, tmp_path):
     finally:
         first.stop()
         second.stop()
+
+
+def _bad_mac_request(port: int) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.makefile("rb").readline()  # the challenge
+        sock.sendall(json.dumps({"op": "poll", "args": {}, "mac": "00" * 32}).encode() + b"\n")
+        sock.recv(100)  # closed without a reply
+
+
+@pytest.mark.asyncio
+async def test_orphan_clock_counts_only_authenticated_requests():
+    """Requests with a bad MAC (anyone on the network) do not keep an orphan alive; authenticated polls do."""
+    target = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    listener = sl.ControlListener(target.pid, target.pid, ip="127.0.0.1", orphan_timeout=2.0)
+    listener.start()
+    try:
+        for _ in range(10):  # 3 s of authenticated polls: the kernel lives on
+            await control_request("127.0.0.1", listener.port, listener.secret_hex, "poll")
+            await asyncio.sleep(0.3)
+        assert target.poll() is None
+        deadline = time.monotonic() + 10
+        while target.poll() is None and time.monotonic() < deadline:  # only forged requests now: it ends
+            _bad_mac_request(listener.port)
+            await asyncio.sleep(0.3)
+        assert target.poll() is not None, "the orphan was kept alive by unauthenticated requests"
+    finally:
+        listener.stop()
+        if target.poll() is None:
+            target.kill()
+        target.wait()
