@@ -292,6 +292,8 @@ class DistributedMappingKernelManager(AsyncMappingKernelManager):
         km.reason = ""
         km.last_activity = utcnow()
         await self._finish_kernel_start(kernel_id)
+        if (provisioner.spark or {}).get("state") == "starting":  # recorded while its SparkSession was starting
+            provisioner._spark_watch = asyncio.ensure_future(provisioner._watch_spark())
         if not self._initialized_culler:
             self.initialize_culler()
         self.restoring.pop(kernel_id, None)

@@ -155,3 +155,15 @@ async def test_spark_kernel_survives_a_restart_then_is_culled_with_its_applicati
             for kid in server.kernels():
                 server.delete_kernel(kid)
             server.stop()
+
+
+async def test_a_normal_stop_leaves_kernels_for_the_next_start(lab, server):
+    server.start()
+    kernel_id = server.start_kernel()
+    host = host_of(lab, kernel_id)
+    assert (await run_code(server.base, kernel_id, "y = 'kept'; print('set')")).strip() == "set"
+    server.stop()  # SIGTERM: jupyter_server's own shutdown, which would end every kernel
+    assert kernel_processes(host, kernel_id)
+    server.start()
+    assert await eventually(lambda: kernel_id in server.kernels(), 30.0), server.log_text()[-3000:]
+    assert (await run_code(server.base, kernel_id, "print(y)")).strip() == "kept"
