@@ -86,59 +86,78 @@ def tunnelled_spec(kernels: Path) -> None:
     (path / "kernel.json").write_text(json.dumps(spec))
 
 
+async def phase(what: str, aw, seconds: float = 600.0):
+    """`aw` within `seconds`; on a timeout, say where the pending tasks wait, and raise."""
+    try:
+        return await asyncio.wait_for(aw, seconds)
+    except asyncio.TimeoutError:
+        print(f"  {what}: not done within {seconds:g} s; pending tasks wait at:", file=sys.stderr)
+        for task in list(asyncio.all_tasks())[:8]:
+            frames = task.get_stack(limit=6)
+            print("   ", " <- ".join(f"{f.f_code.co_name}:{f.f_lineno}" for f in reversed(frames)), file=sys.stderr)
+        raise
+
+
 async def main(count: int, idle_seconds: float) -> None:
     config = {"load_balancing_algorithm": "least-connection", "launch_timeout": 120.0}
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    print(f"scale benchmark: {count} kernels at once over 3 hosts (least-connection); machine shared and noisy")
     with bench_lab(3, **config) as (lab, kernels, manager):
         tunnelled_spec(kernels)
         empty = gateway_resources()
         warm = [manager("ssh_python") for _ in range(3)]  # key pair, SSH connections, imports
-        await burst(warm, USER)
+        await phase("warm-up", burst(warm, USER))
         await asyncio.gather(*(km.shutdown_kernel(now=True) for km in warm if km.has_kernel))
         base = gateway_resources()
 
         local_kms = [manager("local_python") for _ in range(count)]
-        local, local_out = await burst(local_kms, {})
+        local, local_out = await phase("local burst", burst(local_kms, {}))
         await asyncio.gather(*(km.shutdown_kernel(now=True) for km in local_kms if km.has_kernel))
+        local_failed = [o for o in local_out if isinstance(o, BaseException)]
 
         remote_kms = [manager("ssh_python") for _ in range(count)]
-        remote, remote_out = await burst(remote_kms, USER)
+        remote, remote_out = await phase("remote burst", burst(remote_kms, USER))
         failed = [o for o in remote_out if isinstance(o, BaseException)]
         spread = Counter(km.provisioner.host for km in remote_kms if km.has_kernel)
-        idle = await idle_cpu([km for km in remote_kms if km.has_kernel], idle_seconds)
-        idle_slow = await idle_cpu([km for km in remote_kms if km.has_kernel], idle_seconds, SLOW_POLL)
+        print(
+            f"  burst: remote {remote:6.2f} s  LocalProvisioner {local:6.2f} s  ratio {remote / local:.2f} "
+            f"(target <= 1.15)  failed {len(failed)} (local {len(local_failed)})  "
+            f"spread {dict(sorted(spread.items()))}",
+            flush=True,
+        )
+        for label, errors in (("remote", failed), ("local", local_failed)):
+            if errors:
+                print(f"    {label}: first failure: {errors[0]}", file=sys.stderr)
+        running = [km for km in remote_kms if km.has_kernel]
+        idle = await phase("idle", idle_cpu(running, idle_seconds))
+        idle_slow = await phase("idle (slow polls)", idle_cpu(running, idle_seconds, SLOW_POLL))
         held = gateway_resources()
+        print(
+            f"  idle, polled every {POLL_INTERVAL:g} s: {idle:.2f} ms CPU per kernel-minute (target <= 10); "
+            f"every {SLOW_POLL:g} s (c.KernelRestarter.time_to_dead={SLOW_POLL:g}): {idle_slow:.2f}",
+            flush=True,
+        )
+        per = {k: round((held[k] - base[k]) / count, 2) for k in held}
+        print(f"  held: {count} kernels {held}; empty {empty}, warm {base}; per kernel {per}", flush=True)
+        gone = await phase("mass shutdown", mass_shutdown(remote_kms, lab), 120.0)
+        print(f"  mass shutdown, every process gone: {gone:.2f} s (target <= 5)", flush=True)
 
         tunnel_kms = [manager("ssh_python_tunnel") for _ in range(count)]
-        tunnel_wall, tunnel_out = await burst(tunnel_kms, USER)
+        tunnel_wall, tunnel_out = await phase("tunnelled burst", burst(tunnel_kms, USER))
         tunnel_failed = [o for o in tunnel_out if isinstance(o, BaseException)]
-        tunnel_idle = await idle_cpu([km for km in tunnel_kms if km.has_kernel], idle_seconds)
-        held_both = gateway_resources()
-
-        gone = await mass_shutdown(remote_kms, lab)
-        gone_tunnel = await mass_shutdown(tunnel_kms, lab)
-
-    local_failed = [o for o in local_out if isinstance(o, BaseException)]
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    print(f"scale benchmark: {count} kernels at once over 3 hosts (least-connection); machine shared and noisy")
-    print(
-        f"  burst: remote {remote:6.2f} s  LocalProvisioner {local:6.2f} s  ratio {remote / local:.2f} (target <= 1.15)"
-        f"  failed {len(failed)} (local {len(local_failed)})  spread {dict(sorted(spread.items()))}"
-    )
-    for label, errors in (("remote", failed), ("local", local_failed), ("tunnelled", tunnel_failed)):
-        if errors:
-            print(f"    {label}: first failure: {errors[0]}", file=sys.stderr)
-    print(
-        f"  idle, polled every {POLL_INTERVAL:g} s: {idle:.2f} ms CPU per kernel-minute (target <= 10); "
-        f"tunnelled ({count} more, burst {tunnel_wall:.2f} s, failed {len(tunnel_failed)}): {tunnel_idle:.2f}"
-        f"\n  idle, polled every {SLOW_POLL:g} s (c.KernelRestarter.time_to_dead={SLOW_POLL:g}): {idle_slow:.2f} ms"
-    )
-    print(f"  mass shutdown, every process gone: {gone:.2f} s (tunnelled {gone_tunnel:.2f} s) (target <= 5)")
-    per = {k: (held[k] - base[k]) / count for k in held}
-    per_tunnel = {k: (held_both[k] - held[k]) / count for k in held}
-    print(
-        f"  held: {count} kernels {held}, {2 * count} (half tunnelled) {held_both}; empty {empty}, warm {base}"
-        f"\n  per kernel: plain {per}; tunnelled {per_tunnel}; RLIMIT_NOFILE {soft}/{hard}"
-    )
+        if tunnel_failed:
+            print(f"    tunnelled: first failure: {tunnel_failed[0]}", file=sys.stderr)
+        print(f"  tunnelled burst: {tunnel_wall:.2f} s, failed {len(tunnel_failed)}", flush=True)
+        tunnel_idle = await phase("tunnelled idle", idle_cpu([km for km in tunnel_kms if km.has_kernel], idle_seconds))
+        held_tunnel = gateway_resources()
+        per_tunnel = {k: round((held_tunnel[k] - base[k]) / count, 2) for k in held}
+        print(
+            f"  tunnelled, idle, polled every {POLL_INTERVAL:g} s: {tunnel_idle:.2f} ms CPU per kernel-minute; "
+            f"held {held_tunnel}, per kernel {per_tunnel}; RLIMIT_NOFILE {soft}/{hard}",
+            flush=True,
+        )
+        gone_tunnel = await phase("tunnelled mass shutdown", mass_shutdown(tunnel_kms, lab), 120.0)
+        print(f"  tunnelled mass shutdown, every process gone: {gone_tunnel:.2f} s", flush=True)
 
 
 if __name__ == "__main__":
