@@ -537,6 +537,8 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         earlier = (await self._gateway()).users.begin(self.kernel_id, username)
 
         async def inventory(host: str) -> str:
+            if why := self.pool.health.quarantined(host):  # known down: not waited for again
+                raise SshError(why)
             return (await self._run_on_host(host, limits.USER_INVENTORY, timeout=self.ssh_connect_timeout + 5)).stdout
 
         running, unknown = await limits.running_for(username, self.remote_hosts, inventory)
