@@ -49,6 +49,7 @@ bench: install system-deps  ## benchmarks: ratios against references measured in
 	$(PY) -m bench.launch
 	$(PY) -m bench.placement
 	$(PY) -m bench.spark
+	$(PY) -m bench.scale
 
 SPARK_MASTER ?=
 SPECS_DIR ?= build/kernelspecs

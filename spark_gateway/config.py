@@ -210,6 +210,24 @@ class GatewayOptions(SshOptions, AccessOptions, CallbackOptions):
         "(GP_IMPERSONATION_ENABLED).",
     )
 
+    orphan_timeout = Float(
+        config=True,
+        help="Seconds a kernel nobody polls (its gateway gone) runs before it shuts itself down; 0: never "
+        "(GP_ORPHAN_TIMEOUT; default: 1800).",
+    )
+    max_kernels_per_user = Integer(
+        config=True,
+        help="Kernels one KERNEL_USERNAME may run over all hosts; 0: no limit (GP_MAX_KERNELS_PER_USER; default: 0).",
+    )
+
+    @default("orphan_timeout")
+    def _orphan_default(self) -> float:
+        return env_float("GP_ORPHAN_TIMEOUT", 1800.0)
+
+    @default("max_kernels_per_user")
+    def _max_per_user_default(self) -> int:
+        return env_int("GP_MAX_KERNELS_PER_USER", 0)
+
     @default("load_balancing_algorithm")
     def _lb_default(self) -> str:
         return trait_checked(check_algorithm, os.environ.get("GP_LOAD_BALANCING_ALGORITHM", "round-robin"))

@@ -19,7 +19,7 @@ from typing import Any
 
 from traitlets.config import SingletonConfigurable
 
-from . import callback
+from . import callback, limits
 from .health import Health
 from .hosts import Host
 from .placement import KERNEL_INVENTORY, HostReport, HostSelector, PlacementError
@@ -91,6 +91,7 @@ class Gateway(SingletonConfigurable):
         super().__init__(**kwargs)
         self.selector = HostSelector()
         self.callback_forwards = CallbackForwards()
+        self.user_launches = limits.UserLaunches()  # launches admitted under max_kernels_per_user, still starting
         self._clusters: dict[tuple, Cluster] = {}
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopState] = weakref.WeakKeyDictionary()
         self._key: Any = None

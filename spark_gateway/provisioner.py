@@ -20,7 +20,7 @@ import paramiko
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import KernelProvisionerBase
 
-from . import tunnel
+from . import limits, tunnel
 from .callback import public_key_b64
 from .config import GatewayOptions
 from .control import ControlError, ControlRefused, control_request
@@ -110,6 +110,32 @@ class DistributedProvisioner(GatewayOptions, KernelProvisionerBase):  # type: ig
         quarantined) unless the kernel is pinned or restarting in place.
         """
         request = LaunchRequest.build(self.kernel_id, self.kernel_spec, kwargs.get("env") or {}, cmd, self)
+        try:
+            await self._admit(request.username)
+            return await self._start(request, cmd, kwargs)
+        finally:
+            self.gateway.user_launches.end(self.kernel_id)  # admitted by _admit: the hosts now show it, or not
+
+    async def _admit(self, username: str) -> None:
+        """Refuse (403) a start beyond max_kernels_per_user, counting the user's kernels on every host."""
+        if self.max_kernels_per_user <= 0:
+            return
+        earlier = self.gateway.user_launches.begin(self.kernel_id, username)
+
+        async def inventory(entry: str) -> str:
+            return (await self._run_on(entry, limits.USER_INVENTORY, timeout=self.ssh_connect_timeout + 5)).stdout
+
+        running, unknown = await limits.running_for(username, self.remote_hosts, inventory)
+        running = {h: [k for k in ids if k != self.kernel_id] for h, ids in running.items()}
+        starting = [k for k in earlier if not any(k in ids for ids in running.values())]
+        message = limits.refusal(username, self.max_kernels_per_user, running, starting)
+        if message:
+            raise ProvisionerError(403, message)
+        if unknown:
+            self.log.warning("kernels of %s not counted on hosts that did not answer: %s", username, "; ".join(unknown))
+
+    async def _start(self, request: LaunchRequest, cmd: list[str], kwargs: dict[str, Any]) -> KernelConnectionInfo:
+        """Place the kernel and start it, moving on to another host when one cannot be used at all."""
         sticky = bool(self._restart_host and self.restart_same_host)
         tried: set[str] = set()
         self.skipped = []
@@ -176,6 +202,7 @@ class DistributedProvisioner(GatewayOptions, KernelProvisionerBase):  # type: ig
         cwd = kwargs.get("cwd")
         workdir = request.working_dir or (str(cwd) if host.local and cwd else None)  # nbclient passes a Path
         exports = dict(request.exports, GP_LAUNCH_TOKEN=token, GP_KERNEL_LOG_DIR=shlex.quote(self.kernel_log_dir))
+        exports["GP_ORPHAN_TIMEOUT"] = shlex.quote(f"{max(0.0, self.orphan_timeout):g}")
         if tunneled:
             exports["GP_KERNEL_IP"] = "127.0.0.1"  # reachable only through the tunnel
         script = launch_script(argv, exports, self.log_file, workdir, run_as=request.run_as)

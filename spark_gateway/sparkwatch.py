@@ -40,6 +40,11 @@ class SparkWatch:
         if self.report.get("state") == "starting":
             self._task = asyncio.ensure_future(self._watch())
 
+    def resume(self) -> None:
+        """After a restore: watch again a session that was recorded while it started."""
+        if (self.report or {}).get("state") == "starting" and self._task is None:
+            self._task = asyncio.ensure_future(self._watch())
+
     def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()

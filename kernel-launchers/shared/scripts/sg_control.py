@@ -26,10 +26,46 @@ log = logging.getLogger("server_listener")
 MAX_MESSAGE = protocol.MAX_MESSAGE
 INFO_MAX_WAIT = protocol.INFO_MAX_WAIT
 SHUTDOWN_GRACE = 1.0
+ORPHAN_TIMEOUT_DEFAULT = 1800.0  # seconds without an authenticated request before the kernel ends itself
 
 
 class _Ignored(Exception):
     """A control request that is logged and dropped without a reply."""
+
+
+class OrphanWatch:
+    """Ends the kernel when no authenticated control request came for `timeout` seconds (0: never).
+
+    The gateway polls every kernel it manages every few seconds; a kernel nobody polls any more lost its gateway
+    (crashed, not restored) and would otherwise hold its host and its Spark application forever. Decided here, on
+    the kernel's host, so it works when the gateway's host is gone.
+    """
+
+    def __init__(self, timeout: float, end: Callable[[], None]) -> None:
+        self.timeout, self._end = timeout, end
+        self.last = time.monotonic()
+
+    @staticmethod
+    def timeout_from_env() -> float:
+        value = os.environ.get("GP_ORPHAN_TIMEOUT", "")
+        try:
+            return max(0.0, float(value)) if value.strip() else ORPHAN_TIMEOUT_DEFAULT
+        except ValueError:
+            log.warning("GP_ORPHAN_TIMEOUT=%r is not a number of seconds; using %g", value, ORPHAN_TIMEOUT_DEFAULT)
+            return ORPHAN_TIMEOUT_DEFAULT
+
+    def seen(self) -> None:
+        self.last = time.monotonic()
+
+    def start(self) -> None:
+        if self.timeout > 0:
+            threading.Thread(target=self._watch, name="orphan-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        while (idle := time.monotonic() - self.last) < self.timeout:
+            time.sleep(min(self.timeout - idle, 5.0) + 0.01)
+        log.warning("no request from the gateway for %.0f s (GP_ORPHAN_TIMEOUT): the kernel shuts down", idle)
+        self._end()
 
 
 class ControlListener:
@@ -51,8 +87,13 @@ class ControlListener:
         info: Callable[[float], dict[str, Any]] | None = None,
         interrupt_signal: int | None = None,
         interrupt_guard: Callable[[], str | None] | None = None,
+        orphan_timeout: float | None = None,
     ) -> None:
         self.pid, self.pgid, self.timeout, self.info = pid, pgid, timeout, info
+        # None: GP_ORPHAN_TIMEOUT from the environment the gateway exported (default 1800 s)
+        self.orphans = OrphanWatch(
+            OrphanWatch.timeout_from_env() if orphan_timeout is None else orphan_timeout, self._terminate_group
+        )
         # SIGINT to the pid is sent as this signal instead: for kernels that cannot handle SIGINT (a JVM started in
         # the background inherits SIGINT ignored, and cannot handle it then; Toree takes --alternate-sigint USR2)
         self.interrupt_signal = interrupt_signal
@@ -74,6 +115,7 @@ class ControlListener:
     def start(self) -> None:
         """Serve in a daemon thread."""
         self._thread.start()
+        self.orphans.start()
 
     def stop(self) -> None:
         """Close the listening socket; the serving thread ends."""
@@ -102,6 +144,7 @@ class ControlListener:
                 conn.sendall(json.dumps({"challenge": challenge}).encode() + b"\n")
                 line = protocol.recv_line(conn, time.monotonic() + self.timeout, MAX_MESSAGE)
                 op, args = self._authenticate(challenge, line)
+                self.orphans.seen()
                 reply, after = self._dispatch(op, args)
                 conn.sendall(json.dumps(reply).encode() + b"\n")
             if after:
