@@ -56,10 +56,14 @@ demo: install  ## executes examples/*.ipynb through the provisioner on this mach
 demo-standalone: install system-deps  ## the same notebooks on SSH hosts in namespaces, against a standalone cluster (root)
 	$(PY) -m examples.demo --standalone
 
+demo-yarn: install system-deps yarn-lab  ## the same notebooks on SSH hosts in namespaces, against a YARN cluster (root)
+	$(PY) -m examples.demo --yarn
+
 bench: install system-deps yarn-lab  ## benchmarks: ratios against references measured in the same run
 	$(PY) bench/launch.py
 	$(PY) bench/placement.py
 	$(PY) bench/spark.py
+	$(PY) bench/yarn.py
 
 SPARK_MASTER ?=
 SPECS_DIR ?= build/kernelspecs

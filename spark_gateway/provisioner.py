@@ -22,7 +22,7 @@ from jupyter_client.provisioning import KernelProvisionerBase
 from tornado import web
 from traitlets import Bool, Float, Integer, List, Set, TraitError, Unicode, default, validate
 
-from . import callback, tunnel
+from . import callback, tunnel, yarn
 from .control import ControlError, ControlRefused, control_request
 from .placement import (
     ALGORITHMS,
@@ -97,6 +97,7 @@ class _Gateway:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     reaper: asyncio.Task | None = None
     inventories: dict[tuple[int, str], tuple[float, asyncio.Future]] = field(default_factory=dict)
+    kernels: set[str] = field(default_factory=set)  # ids of the kernels this gateway runs (YARN reconciliation)
 
 
 _gateways: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Gateway] = weakref.WeakKeyDictionary()
@@ -517,6 +518,7 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             raise ProvisionerError(400, str(exc)) from None
         self.pool.health.base = self.host_quarantine
         self._check_client_env(env)
+        (await self._gateway()).kernels.add(self.kernel_id)
         pinned = env.get("KERNEL_REMOTE_HOST") or None
         sticky = bool(self._restart_host and self.restart_same_host)
         tried: set[str] = set()
@@ -689,6 +691,8 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 check_username(username)
         except SparkOptsError as exc:
             raise ProvisionerError(400, str(exc)) from None
+        if self._spark_master() == "yarn" and "SPARK_OPTS" in words:
+            words["SPARK_OPTS"] += shlex.quote(yarn.submit_conf(self.kernel_id))  # tags, one attempt (yarn.py)
         if self.impersonation_enabled:
             words["GP_IMPERSONATION_ENABLED"] = "True"
             if self._spark_master() == "yarn" and "SPARK_OPTS" in words:
@@ -730,12 +734,24 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self.spark = spark
         if spark.get("state") == "ready":
             self.log.info(
-                "kernel %s: Spark application %s (%s) on %s, Spark UI %s",
+                "kernel %s: Spark application %s (%s) on %s, Spark UI %s%s",
                 self.kernel_id, spark.get("app_id"), spark.get("app_name"), spark.get("master"), spark.get("ui_url"),
+                f", YARN tracking URL {spark['tracking_url']}" if spark.get("tracking_url") else "",
             )  # fmt: skip
         elif spark.get("state") == "failed":
             self.log.warning("kernel %s: its SparkSession could not be created: %s", self.kernel_id, spark.get("error"))
         return True
+
+    async def _reconcile_yarn(self) -> None:
+        """Kill the YARN applications of this gateway's kernels that are gone (this one included), see yarn.py."""
+        rm = yarn.resource_manager(self.kernel_spec.env or {}, getpass.getuser())
+        if rm is None:
+            return
+        try:
+            for app_id in await in_thread(yarn.reconcile, rm, set((await self._gateway()).kernels)):
+                self.log.info("killed YARN application %s: its kernel is gone (cleanup of %s)", app_id, self.kernel_id)
+        except yarn.YarnError as exc:
+            self.log.warning("kernel %s: cannot reconcile YARN applications: %s", self.kernel_id, exc)
 
     # ------------------------------------------------------------------ lifecycle
     async def _control(self, op: str, args: dict[str, Any] | None = None, timeout: float = 3.0) -> dict[str, Any]:
@@ -852,6 +868,9 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         if self._spark_watch is not None:
             self._spark_watch.cancel()
             self._spark_watch = None
+        (await self._gateway()).kernels.discard(self.kernel_id or "")
+        if self._spark_master() == "yarn":
+            await self._reconcile_yarn()
         self._restart_host = host if restart else None
         self.host = self.pid = self.pgid = self.listener = None
 

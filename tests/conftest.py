@@ -21,6 +21,7 @@ from spark_gateway.health import Health
 from spark_gateway.specs import write_spec
 from tests.hostlab import HostLab, LabHost
 from tests.spark_cluster import spark_cluster  # noqa: F401 (session fixture: the shared Spark cluster)
+from tests.yarn_lab import yarn_lab  # noqa: F401 (session fixture: the shared YARN cluster, started by YARN tests only)
 
 USER_ENV = {"KERNEL_USERNAME": "alice"}  # the gateway runs as root here; root is refused by default
 

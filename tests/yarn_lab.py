@@ -171,8 +171,6 @@ class YarnLab:
             "yarn.nodemanager.process-kill-wait.ms": "500",
             "yarn.nodemanager.env-whitelist": "JAVA_HOME,PATH,LANG",
             "yarn.log-aggregation-enable": "false",
-            "yarn.am.liveness-monitor.expiry-interval-ms": "20000",
-            "yarn.nm.liveness-monitor.expiry-interval-ms": "20000",
             "yarn.resourcemanager.nodemanagers.heartbeat-interval-ms": "250",
         }  # fmt: skip
 
