@@ -23,6 +23,8 @@ from spark_gateway.specs import SpecOptions, install
 from tests.conftest import env, execute, kernel_processes
 from tests.hostlab import HostLab, LabHost
 from tests.spark_cluster import SPARK_HOME
+from tests.test_scala_kernel import SPARK35_HOME, TOREE_JAR, needs_spark35
+from tests.test_scala_kernel import run as run_scala
 from tests.test_spark import log_text, submit_args, until
 from tests.test_sshspec import kernel_json, sshspec, tables
 from tests.yarn_lab import YarnLab, site_xml
@@ -35,7 +37,9 @@ SMALL = (
     f"--conf spark.yarn.jars=local:{SPARK_HOME}/jars/* --conf spark.ui.showConsoleProgress=false"
 )
 ENDED = ("FINISHED", "KILLED", "FAILED")
-END_BOUND = 30.0  # seconds from a kernel's end (shutdown, restart, SIGKILL) to its application's end, containers gone
+LAUNCH_BOUND = 600  # a bound, not a figure: JVMs start slowly on a loaded 2-core machine
+CELL_BOUND = 600.0
+END_BOUND = 60.0  # seconds from a kernel's end (shutdown, restart, SIGKILL) to its application's end, containers gone
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +47,8 @@ def yarn_specs(kernels_dir: Path, yarn_lab: YarnLab) -> Path:
     """`yarn_lazy` and `yarn_eager` specs (spark_gateway.specs) naming the lab's Hadoop configuration."""
     for mode in ("lazy", "eager"):
         opts, _ = SpecOptions(spark=True, spark_master="yarn", spark_init_mode=mode, kernel_name=f"yarn_{mode}",
-                              spark_home=SPARK_HOME, extra_spark_opts=SMALL).resolve()  # fmt: skip
+                              spark_home=SPARK_HOME, extra_spark_opts=SMALL,
+                              config={"launch_timeout": LAUNCH_BOUND}).resolve()  # fmt: skip
         path = install(opts, kernels_dir / f"yarn_{mode}", replace=True)
         data = json.loads((path / "kernel.json").read_text())
         data["env"].update(HADOOP_CONF_DIR=str(yarn_lab.conf_dir), YARN_CONF_DIR=str(yarn_lab.conf_dir),
@@ -85,7 +90,7 @@ async def test_lazy_kernel_runs_jobs_on_yarn_interrupts_and_shuts_down(lab, mana
         "total = spark.range(1000).selectExpr('sum(id)').first()[0]\n"
         "print(json.dumps([hosts, total, sc.applicationId, spark.conf.get('spark.yarn.maxAppAttempts')]))"
     )
-    out, reply = await execute(km, code, timeout=240)
+    out, reply = await execute(km, code, timeout=CELL_BOUND)
     assert reply["status"] == "ok", out
     first, last = out.strip().splitlines()[0], out.strip().splitlines()[-1]
     hosts, total, app_id, attempts = json.loads(last)
@@ -113,7 +118,10 @@ async def test_lazy_kernel_runs_jobs_on_yarn_interrupts_and_shuts_down(lab, mana
     try:
         await kc.wait_for_ready(timeout=60)
         msg_id = kc.execute("sc.parallelize([0], 1).foreach(lambda _: __import__('time').sleep(3600))")
-        await until(lambda: yarn_lab.app(app_id)["runningContainers"] >= 2 and _has_running_job(km, host))
+        await until(
+            lambda: yarn_lab.app(app_id)["runningContainers"] >= 2 and _has_running_job(yarn_lab, app_id),
+            timeout=CELL_BOUND,
+        )
         await km.interrupt_kernel()
         reply = await kc.get_shell_msg(timeout=60)
         assert reply["parent_header"]["msg_id"] == msg_id
@@ -121,7 +129,7 @@ async def test_lazy_kernel_runs_jobs_on_yarn_interrupts_and_shuts_down(lab, mana
     finally:
         kc.stop_channels()
     assert "cancelled all Spark jobs" in log_text(km)
-    out, reply = await execute(km, "print('after', spark.range(7).count())", timeout=120)
+    out, reply = await execute(km, "print('after', spark.range(7).count())", timeout=CELL_BOUND)
     assert reply["status"] == "ok" and out.strip() == "after 7"
 
     await km.shutdown_kernel()
@@ -130,14 +138,13 @@ async def test_lazy_kernel_runs_jobs_on_yarn_interrupts_and_shuts_down(lab, mana
     assert kernel_processes(host, km.kernel_id) == []
 
 
-def _has_running_job(km: Any, host: LabHost) -> bool:
-    """True once the kernel's Spark UI (on `host`) shows a running job."""
-    port = km.provisioner.spark["ui_url"].rsplit(":", 1)[1]
-    url = f"http://{host.address}:{port}/api/v1/applications/{km.provisioner.spark['app_id']}/jobs?status=running"
+def _has_running_job(yarn_lab: YarnLab, app_id: str) -> bool:
+    """True once the driver's Spark UI, read through the RM's web proxy (the tracking URL), shows a running job."""
+    url = f"{yarn_lab.web_url}/proxy/{app_id}/api/v1/applications/{app_id}/jobs?status=running"
     try:
         with urllib.request.urlopen(url, timeout=5) as reply:
             return bool(json.loads(reply.read()))
-    except OSError:
+    except (OSError, ValueError):
         return False
 
 
@@ -153,7 +160,7 @@ async def test_eager_kernel_queue_proxy_user_restart_and_sigkill(lab, managers, 
     args = submit_args(log_text(km))
     assert args[args.index("--queue") + 1] == "q1" and args[args.index("--proxy-user") + 1] == "alice"
     assert f"spark.yarn.tags={yarn.GATEWAY_TAG},{yarn.gateway_tag()},{km.kernel_id}" in args
-    assert (await execute(km, "print(spark.range(5).count())", timeout=120))[0].strip() == "5"
+    assert (await execute(km, "print(spark.range(5).count())", timeout=CELL_BOUND))[0].strip() == "5"
 
     await km.restart_kernel()
     assert (await ended(yarn_lab, lab, app_id))["state"] in ("FINISHED", "KILLED")
@@ -181,7 +188,7 @@ async def test_unknown_queue_fails_the_start_with_yarns_reason(lab, managers, ya
     assert kernel_processes(host, eager.kernel_id) == []
 
     await lazy.start_kernel(env=opts)
-    out, reply = await execute(lazy, "spark.range(1).count()", timeout=120)
+    out, reply = await execute(lazy, "spark.range(1).count()", timeout=CELL_BOUND)
     assert reply["status"] == "error" and reply["ename"] == "SparkSessionError"
     assert "nosuchqueue" in out
     assert (await execute(lazy, "print(6 * 7)"))[0].strip() == "42"
@@ -207,7 +214,7 @@ async def test_orphaned_application_is_killed_through_the_rm(lab, managers, yarn
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     try:
-        await until(lambda: (a := rm_app(yarn_lab, ghost)) and a["state"] == "RUNNING", timeout=180)
+        await until(lambda: (a := rm_app(yarn_lab, ghost)) and a["state"] == "RUNNING", timeout=CELL_BOUND)
         orphan = rm_app(yarn_lab, ghost)["id"]
         km = managers("yarn_lazy")
         await km.start_kernel(env=env(KERNEL_REMOTE_HOST=host.name))
@@ -289,3 +296,25 @@ async def test_ssh_spec_install_check_and_convert_for_yarn(lab, yarn_lab, tmp_pa
         sshspec("convert", "plain", "--to=yarn", "--hadoop-conf-dir=/srv/hadoop", home=tmp_path, **path).returncode == 0
     )
     assert kernel_json(kernels / "plain_yarn")["env"]["HADOOP_CONF_DIR"] == "/srv/hadoop"
+
+
+@needs_spark35
+async def test_scala_lazy_kernel_runs_a_job_on_yarn(lab, managers, yarn_lab, kernels_dir):
+    """Toree (Spark 3.5, `make spark35`) on YARN: its first use of `sc` starts the application in the RM."""
+    small = SMALL.replace(SPARK_HOME, SPARK35_HOME)
+    opts, _ = SpecOptions(language="Scala", spark=True, spark_master="yarn", spark_home=SPARK35_HOME,
+                          spark_init_mode="lazy", kernel_name="yarn_scala", toree_jar=TOREE_JAR, extra_spark_opts=small,
+                          hadoop_conf_dir=str(yarn_lab.conf_dir),
+                          config={"launch_timeout": LAUNCH_BOUND}).resolve()  # fmt: skip
+    install(opts, kernels_dir / "yarn_scala", replace=True)
+    km = managers("yarn_scala")
+    await km.start_kernel(env=env(KERNEL_REMOTE_HOST=lab.hosts[0].name))
+    code = 'println(sc.parallelize(1 to 100, 2).sum.toLong + " " + sc.applicationId)'
+    out, reply = await run_scala(km, code, timeout=CELL_BOUND)
+    assert reply["status"] == "ok", out
+    total, app_id = out.strip().splitlines()[-1].split()
+    app = yarn_lab.app(app_id)
+    assert total == "5050" and (app["name"], app["state"]) == (km.kernel_id, "RUNNING")
+    assert km.kernel_id in app["applicationTags"].split(",")
+    await km.shutdown_kernel()
+    assert (await ended(yarn_lab, lab, app_id))["state"] in ("FINISHED", "KILLED")

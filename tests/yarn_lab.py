@@ -152,6 +152,9 @@ class YarnLab:
             "yarn.resourcemanager.connect.max-wait.ms": "10000",
             "yarn.resourcemanager.connect.retry-interval.ms": "500",
             "yarn.resourcemanager.recovery.enabled": "false",
+            # NodeManagers wait for a stopped ResourceManager (stop_rm/start_rm) instead of shutting down
+            "yarn.nodemanager.resourcemanager.connect.max-wait.ms": "600000",
+            "yarn.nodemanager.resourcemanager.connect.retry-interval.ms": "1000",
             "yarn.resourcemanager.scheduler.class":
                 "org.apache.hadoop.yarn.server.resourcemanager.scheduler.capacity.CapacityScheduler",
             "yarn.scheduler.minimum-allocation-mb": "128",
@@ -243,6 +246,10 @@ class YarnLab:
         self._stop([self.procs.pop("rm")])
 
     def wait_nodes(self) -> None:
+        """Wait until every NodeManager is registered (restarting any that gave up on a stopped ResourceManager)."""
+        for i, host in enumerate(self.nm_hosts or [None], start=1):
+            if self.procs[f"nm{i}"].poll() is not None:
+                self._start_daemon(f"nm{i}", host)
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             dead = [n for n, p in self.procs.items() if p.poll() is not None]
