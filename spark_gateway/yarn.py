@@ -1,9 +1,10 @@
 """YARN client mode: what the gateway adds to a YARN kernel's spark-submit, and a small ResourceManager REST client.
 
 Every YARN application a kernel starts carries three tags (`spark.yarn.tags`): ``spark_gateway``, the gateway's own
-tag ``sg-gateway:<id>`` (id: `SG_YARN_GATEWAY_ID`, default this machine's host name; gateways sharing one host and
-one ResourceManager must set distinct ids) and the kernel id; and it is attempted once (`spark.yarn.maxAppAttempts=1`:
-Jupyter's restarter restarts kernels, YARN must not restart their ApplicationMaster behind the gateway's back).
+tag ``sg-gateway:<id>`` (id: `SG_YARN_GATEWAY_ID`, default ``<user>@<host name>`` of the gateway process; gateways
+run by one account on one host against one ResourceManager must set distinct ids) and the kernel id; and it is
+attempted once (`spark.yarn.maxAppAttempts=1`: Jupyter's restarter restarts kernels, YARN must not restart their
+ApplicationMaster behind the gateway's back).
 Reconciliation (`reconcile`) kills, through the RM's REST API (``PUT /ws/v1/cluster/apps/{id}/state``), every live
 application carrying this gateway's tag whose kernel the gateway no longer runs.
 
@@ -16,6 +17,7 @@ supported: there, reconciliation logs that it could not reach the RM and YARN's 
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import re
@@ -41,8 +43,8 @@ class YarnError(RuntimeError):
 
 def gateway_tag() -> str:
     """This gateway's YARN tag (lowercase ASCII, as YARN stores tags)."""
-    name = os.environ.get("SG_YARN_GATEWAY_ID") or socket.gethostname()
-    return GATEWAY_ID_PREFIX + re.sub(r"[^a-z0-9._-]", "_", name.lower())[:80]
+    name = os.environ.get("SG_YARN_GATEWAY_ID") or f"{getpass.getuser()}@{socket.gethostname()}"
+    return GATEWAY_ID_PREFIX + re.sub(r"[^a-z0-9@._-]", "_", name.lower())[:80]
 
 
 def submit_conf(kernel_id: str) -> str:
