@@ -73,7 +73,8 @@ async def main(runs: int) -> None:
             for mode in ("lazy", "eager"):
                 opts, _ = SpecOptions(spark=True, spark_master="yarn", spark_home=SPARK_HOME, spark_init_mode=mode,
                                       interpreter=sys.executable, kernel_name=f"yarn_{mode}", extra_spark_opts=SMALL,
-                                      hadoop_conf_dir=str(yarn.conf_dir), yarn_jars=JARS).resolve()  # fmt: skip
+                                      hadoop_conf_dir=str(yarn.conf_dir), yarn_jars=JARS,
+                                      config={"launch_timeout": 600}).resolve()  # fmt: skip
                 install(opts, kernels / opts.kernel_name)
             script = kernels.parent / "bare.py"
             script.write_text(BARE_SCRIPT)
