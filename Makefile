@@ -9,7 +9,7 @@ SPARK35_VENV ?= .venv-spark35
 TOREE_VERSION ?= 0.5.0
 TOREE_CACHE ?= build/cache/toree-$(TOREE_VERSION)
 export SG_SPARK35_VENV := $(abspath $(SPARK35_VENV))
-.PHONY: install system-deps test demo demo-standalone bench lint clean specs spark35
+.PHONY: install system-deps test demo demo-standalone demo-yarn bench lint clean specs spark35 yarn-lab
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,6 +26,19 @@ $(SPARK35_VENV)/.installed:
 
 spark35: $(SPARK35_VENV)/.installed  ## .venv-spark35: pyspark 3.5 + Apache Toree 0.5, for Scala kernels and their tests
 
+# The YARN lab (testlab/yarn_lab.py): Hadoop YARN jars from Maven Central, copied once into a cache outside the repo.
+# A second run only checks the stamp (the pom is the key): nothing is downloaded again.
+YARN_LAB_DIR ?= $(HOME)/.cache/spark_gateway/yarn-3.5.0
+export SG_YARN_JARS := $(YARN_LAB_DIR)/jars
+$(YARN_LAB_DIR)/.installed: testlab/yarn/pom.xml
+	mkdir -p $(YARN_LAB_DIR)
+	rm -rf $(YARN_LAB_DIR)/jars.tmp
+	cd testlab/yarn && mvn -q -B dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory=$(YARN_LAB_DIR)/jars.tmp
+	rm -rf $(YARN_LAB_DIR)/jars && mv $(YARN_LAB_DIR)/jars.tmp $(YARN_LAB_DIR)/jars
+	cp testlab/yarn/pom.xml $@
+
+yarn-lab: $(YARN_LAB_DIR)/.installed  ## Hadoop YARN 3.5.0 jars for the YARN lab (Maven; cached in ~/.cache/spark_gateway)
+
 install: $(VENV)/.installed $(SPARK35_VENV)/.installed  ## a .venv with the package, Spark and the test tools
 
 system-deps:  ## Debian packages the real test hosts need (sshd, ip, setsid; R and IRkernel for R kernels)
@@ -35,7 +48,7 @@ system-deps:  ## Debian packages the real test hosts need (sshd, ip, setsid; R a
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-test: install system-deps $(TOREE_CACHE)/.fetched  ## the whole suite against real sshd hosts, Spark and Jupyter clients
+test: install system-deps $(TOREE_CACHE)/.fetched yarn-lab  ## the whole suite against real sshd hosts, Spark, YARN and Jupyter clients
 	$(VENV)/bin/ruff check spark_gateway kernel-launchers testlab tests bench examples
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
@@ -45,10 +58,14 @@ demo: $(VENV)/.installed  ## executes examples/*.ipynb through the provisioner o
 demo-standalone: install system-deps  ## the same notebooks on SSH hosts in namespaces, against a standalone cluster (root)
 	$(PY) -m examples.demo --standalone
 
-bench: install system-deps  ## benchmarks: ratios against references measured in the same run
+demo-yarn: install system-deps yarn-lab  ## the same notebooks on SSH hosts in namespaces, against a YARN cluster (root)
+	$(PY) -m examples.demo --yarn
+
+bench: install system-deps yarn-lab  ## benchmarks: ratios against references measured in the same run
 	$(PY) -m bench.launch
 	$(PY) -m bench.placement
 	$(PY) -m bench.spark
+	$(PY) -m bench.yarn
 	$(PY) -m bench.scale
 
 SPARK_MASTER ?=

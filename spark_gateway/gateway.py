@@ -91,6 +91,7 @@ class Gateway(SingletonConfigurable):
         super().__init__(**kwargs)
         self.selector = HostSelector()
         self.callback_forwards = CallbackForwards()
+        self.kernel_ids: set[str] = set()  # the kernels this gateway runs (YARN reconciliation)
         self.user_launches = limits.UserLaunches()  # launches admitted under max_kernels_per_user, still starting
         self._clusters: dict[tuple, Cluster] = {}
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopState] = weakref.WeakKeyDictionary()

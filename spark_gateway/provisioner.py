@@ -9,6 +9,7 @@ script of `remote`, and talked to through its control listener (`control`).
 from __future__ import annotations
 
 import asyncio
+import getpass
 import re
 import secrets
 import shlex
@@ -20,7 +21,7 @@ import paramiko
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import KernelProvisionerBase
 
-from . import limits, tunnel
+from . import limits, tunnel, yarn
 from .callback import public_key_b64
 from .config import GatewayOptions
 from .control import ControlError, ControlRefused, control_request
@@ -31,6 +32,7 @@ from .placement import PlacementError
 from .protocol import PORT_NAMES, format_address
 from .remote import LaunchHandle, launch_script
 from .request import LaunchRequest
+from .spark import spec_master
 from .sparkwatch import SparkWatch
 from .ssh import SshError
 
@@ -110,6 +112,7 @@ class DistributedProvisioner(GatewayOptions, KernelProvisionerBase):  # type: ig
         quarantined) unless the kernel is pinned or restarting in place.
         """
         request = LaunchRequest.build(self.kernel_id, self.kernel_spec, kwargs.get("env") or {}, cmd, self)
+        self.gateway.kernel_ids.add(self.kernel_id)
         try:
             await self._admit(request.username)
             return await self._start(request, cmd, kwargs)
@@ -434,8 +437,22 @@ class DistributedProvisioner(GatewayOptions, KernelProvisionerBase):  # type: ig
             self._tunnels = None
         self.remote_ports = None
         self.spark_watch.stop()
+        self.gateway.kernel_ids.discard(self.kernel_id or "")
+        if spec_master(str((self.kernel_spec.env or {}).get("SPARK_OPTS", ""))) == "yarn":
+            await self._reconcile_yarn()
         self._restart_host = entry if restart else None
         self.host = self.pid = self.pgid = self.listener = None
+
+    async def _reconcile_yarn(self) -> None:
+        """Kill the YARN applications of this gateway's kernels that are gone (this one included), see yarn.py."""
+        rm = yarn.resource_manager(self.kernel_spec.env or {}, getpass.getuser())
+        if rm is None:
+            return
+        try:
+            for app_id in await asyncio.to_thread(yarn.reconcile, rm, set(self.gateway.kernel_ids)):
+                self.log.info("killed YARN application %s: its kernel is gone (cleanup of %s)", app_id, self.kernel_id)
+        except yarn.YarnError as exc:
+            self.log.warning("kernel %s: cannot reconcile YARN applications: %s", self.kernel_id, exc)
 
     # ------------------------------------------------------------------ persistence
     async def get_provisioner_info(self) -> dict[str, Any]:

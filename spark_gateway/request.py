@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from . import yarn
 from .config import GatewayOptions, parse_port_range
 from .errors import ProvisionerError
 from .placement import PlacementError, check_pin
@@ -66,6 +67,8 @@ class LaunchRequest:
                 except LaunchScriptError as exc:
                     raise ProvisionerError(500, f"kernelspec {spec.display_name!r}: {exc}") from None
                 words[name] = spec_value(template, values)
+        if master == "yarn" and "SPARK_OPTS" in words:
+            words["SPARK_OPTS"] += shlex.quote(yarn.submit_conf(kernel_id))  # tags, one attempt (yarn.py)
         run_as = None
         if options.impersonation_enabled:
             words["GP_IMPERSONATION_ENABLED"] = "True"

@@ -73,8 +73,9 @@ class SparkWatch:
         self.report = spark
         if spark.get("state") == "ready":
             kernel.log.info(
-                "kernel %s: Spark application %s (%s) on %s, Spark UI %s",
+                "kernel %s: Spark application %s (%s) on %s, Spark UI %s%s",
                 kernel.kernel_id, spark.get("app_id"), spark.get("app_name"), spark.get("master"), spark.get("ui_url"),
+                f", YARN tracking URL {spark['tracking_url']}" if spark.get("tracking_url") else "",
             )  # fmt: skip
         elif spark.get("state") == "failed":
             kernel.log.warning("kernel %s: SparkSession failed: %s", kernel.kernel_id, spark.get("error"))

@@ -8,6 +8,8 @@ login, spec content, interpreter, spark-submit, a connection back to the gateway
 from __future__ import annotations
 
 import contextlib
+import inspect
+import json
 import secrets
 import shlex
 import socket
@@ -21,8 +23,10 @@ from typing import Any
 
 import paramiko
 
+from . import yarn
 from .config import parse_port_range
 from .hosts import Host
+from .spark import spec_master
 from .specs import manifest
 from .ssh import SshError, SshPool, close_quietly
 
@@ -286,7 +290,28 @@ def _check_spark_submit(host: Host, spec: Spec) -> Outcome:
                 f"install a Spark 3.x at {home}, {reinstall}; see docs/scala-kernels.md",
             )
         return ok(f"{submit} ({jars[0] if jars else 'Scala version unknown'})")
+    if spec_master(spec.env.get("SPARK_OPTS", "")) == "yarn":
+        return _check_yarn(host, spec, submit)
     return ok(submit)
+
+
+def _check_yarn(host: Host, spec: Spec, submit: str) -> Outcome:
+    """YARN specs: the Hadoop configuration on the host, its ResourceManager answering there, the spec's queue."""
+    conf = spec.env.get("YARN_CONF_DIR") or spec.env.get("HADOOP_CONF_DIR")
+    if not conf:
+        return fail(
+            f"{spec.path}/kernel.json sets no HADOOP_CONF_DIR: spark-submit cannot find the ResourceManager",
+            "reinstall the spec with --hadoop-conf-dir DIR (the Hadoop client configuration on every host)",
+        )
+    queue = yarn.spec_queue(spec.env.get("SPARK_OPTS", ""))
+    script = inspect.getsource(yarn) + "\nimport json, sys\nprint(json.dumps(probe(sys.argv[1], sys.argv[2])))\n"
+    res = host.run(shlex.join([spec.probe_python, "-", conf, queue]), stdin=script.encode(), timeout=30.0)
+    try:
+        passed, detail, fix = json.loads(res.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        last = (res.stderr.strip().splitlines() or [f"exit {res.status}"])[-1]
+        return fail(f"the YARN probe did not run on {host.entry} ({spec.probe_python}): {last}", "see the interpreter")
+    return ok(f"{submit}; {detail}") if passed else fail(f"on {host.entry}: {detail}", fix)
 
 
 def _check_callback(host: Host, spec: Spec, settings: Settings) -> Outcome:

@@ -19,6 +19,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import shutil
 import stat
 import sys
@@ -44,6 +45,7 @@ DEFAULT_KERNELS_DIR = Path("/usr/local/share/jupyter/kernels")
 PROVISIONER = "distributed-provisioner"
 CLASS_FLAG = "--kernel-class-name"
 EXTRA_OPTS_REF = "${KERNEL_EXTRA_SPARK_OPTS}"
+DEFAULT_HADOOP_CONF_DIR = "/etc/hadoop/conf"  # YARN specs: HADOOP_CONF_DIR and YARN_CONF_DIR on the hosts
 IGNORED = ("__pycache__", "*.pyc")  # never part of a spec: written next to the launchers when they run
 
 # (glob under kernel-launchers/, directory in the spec) per language; every one needs the listener and its modules
@@ -182,6 +184,9 @@ class SpecOptions:
     extra_spark_opts: str = ""
     kernel_class_name: str = DEFAULT_KERNEL_CLASS
     toree_jar: str = ""  # Scala: default found by find_toree_jar()
+    hadoop_conf_dir: str = DEFAULT_HADOOP_CONF_DIR  # YARN: the hosts' Hadoop client configuration
+    yarn_jars: str = ""  # YARN: spark.yarn.jars (e.g. local:/opt/spark/jars/*), so no jar is uploaded per kernel
+    yarn_archive: str = ""  # YARN: spark.yarn.archive (a pre-staged archive of Spark's jars)
     config: dict[str, Any] = field(default_factory=dict)  # metadata.kernel_provisioner.config entries
 
     @property
@@ -206,6 +211,15 @@ class SpecOptions:
             warnings.append(f"--ipykernel-subclass-name is ignored for language {LANGUAGES[lang]}")
         elif lang == "python" and (warning := kernel_class(self.kernel_class_name)):
             warnings.append(warning)
+        yarn_given = [(o, v) for o, v in (("--yarn-jars", self.yarn_jars), ("--yarn-archive", self.yarn_archive)) if v]
+        if self.hadoop_conf_dir != DEFAULT_HADOOP_CONF_DIR:
+            yarn_given.append(("--hadoop-conf-dir", self.hadoop_conf_dir))
+        if not (self.spark and master_kind(self.spark_master) == "yarn"):
+            warnings += [f"{option} applies to YARN Spark specs only: ignored" for option, _ in yarn_given]
+        elif not os.path.isabs(self.hadoop_conf_dir):
+            raise SpecError(
+                f"--hadoop-conf-dir {self.hadoop_conf_dir!r} must be an absolute path (e.g. /etc/hadoop/conf)"
+            )
         if (self.spark or lang == "scala") and not os.path.isabs(self.spark_home):
             raise SpecError(f"--spark-home {self.spark_home!r} must be an absolute path (e.g. /opt/spark)")
         suffix = (SPARK_SUFFIX, SPARK_DISPLAY_SUFFIX) if self.spark else ("", "")
@@ -363,11 +377,16 @@ def render(opts: SpecOptions, install_dir: Path) -> dict[str, Any]:
         env["SPARK_HOME"] = opts.spark_home
     if opts.spark:
         spark_opts = set_master(env.get("SPARK_OPTS", EXTRA_OPTS_REF), opts.spark_master)
-        if opts.extra_spark_opts:
+        extra = opts.extra_spark_opts
+        if master_kind(opts.spark_master) == "yarn":
+            env["HADOOP_CONF_DIR"] = env["YARN_CONF_DIR"] = opts.hadoop_conf_dir
+            confs = (("spark.yarn.jars", opts.yarn_jars), ("spark.yarn.archive", opts.yarn_archive))
+            extra = " ".join([*(f"--conf {shlex.quote(f'{k}={v}')}" for k, v in confs if v), extra]).strip()
+        if extra:
             if EXTRA_OPTS_REF in spark_opts:
-                spark_opts = spark_opts.replace(EXTRA_OPTS_REF, f"{opts.extra_spark_opts} {EXTRA_OPTS_REF}", 1)
+                spark_opts = spark_opts.replace(EXTRA_OPTS_REF, f"{extra} {EXTRA_OPTS_REF}", 1)
             else:
-                spark_opts = f"{spark_opts} {opts.extra_spark_opts}"
+                spark_opts = f"{spark_opts} {extra}"
         env["SPARK_OPTS"] = spark_opts
         if opts.language in ("python", "r", "scala"):
             _set_flag(spec["argv"], INIT_FLAG, opts.spark_init_mode)
@@ -519,7 +538,9 @@ def converted_names(name: str, display_name: str, to: str) -> tuple[str, str]:
     return _CONVERTED_NAME.sub("", name) + suffix, _CONVERTED_DISPLAY.sub("", display_name) + display_suffix
 
 
-def convert(src: Path, to: str, master: str = "", replace: bool = False) -> Path:
+def convert(
+    src: Path, to: str, master: str = "", replace: bool = False, hadoop_conf_dir: str = DEFAULT_HADOOP_CONF_DIR
+) -> Path:
     """Write a copy of Spark spec `src` beside it for another master (`to`: standalone or yarn). Never edits `src`."""
     src = Path(os.path.abspath(src))
     spec = load(src)
@@ -546,6 +567,9 @@ def convert(src: Path, to: str, master: str = "", replace: bool = False) -> Path
     spec["argv"] = [moved(str(a)) for a in spec["argv"]]
     spec["env"] = {k: moved(str(v)) for k, v in spec["env"].items()}
     spec["env"]["SPARK_OPTS"] = set_master(spec["env"]["SPARK_OPTS"], master)
+    if to == "yarn":  # kept when converting to standalone (unused there), so yarn -> standalone -> yarn round-trips
+        for name in ("HADOOP_CONF_DIR", "YARN_CONF_DIR"):
+            spec["env"].setdefault(name, hadoop_conf_dir)
     spec["display_name"] = display
 
     def fill(staging: Path) -> None:

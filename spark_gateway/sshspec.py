@@ -63,6 +63,20 @@ class BaseSpecApp(AccessOptions, _App):
         "package beside --spark-home's pyspark, or importable here.",
     )
     extra_spark_opts = Unicode(config=True, help="More spark-submit options, added to SPARK_OPTS.")
+    hadoop_conf_dir = Unicode(
+        specs.DEFAULT_HADOOP_CONF_DIR,
+        config=True,
+        help="YARN specs: the Hadoop client configuration directory on the hosts (HADOOP_CONF_DIR, YARN_CONF_DIR).",
+    )
+    yarn_jars = Unicode(
+        config=True,
+        help="YARN specs: spark.yarn.jars, e.g. 'local:/opt/spark/jars/*' (Spark at that path on every NodeManager) "
+        "or 'hdfs:///spark/jars/*' (pre-staged), so Spark's jars are not zipped and uploaded for every kernel.",
+    )
+    yarn_archive = Unicode(
+        config=True,
+        help="YARN specs: spark.yarn.archive, a pre-staged archive of Spark's jars (hdfs:///spark/jars.zip).",
+    )
     ipykernel_subclass_name = Unicode(
         specs.DEFAULT_KERNEL_CLASS, config=True, help="Python kernels: the ipykernel Kernel class to run."
     )
@@ -82,6 +96,9 @@ class BaseSpecApp(AccessOptions, _App):
         "spark-init-mode": "BaseSpecApp.spark_init_mode",
         "toree-jar": "BaseSpecApp.toree_jar",
         "extra-spark-opts": "BaseSpecApp.extra_spark_opts",
+        "hadoop-conf-dir": "BaseSpecApp.hadoop_conf_dir",
+        "yarn-jars": "BaseSpecApp.yarn_jars",
+        "yarn-archive": "BaseSpecApp.yarn_archive",
         "authorized-users": "BaseSpecApp.authorized_users",
         "unauthorized-users": "BaseSpecApp.unauthorized_users",
         "port-range": "BaseSpecApp.port_range",
@@ -161,6 +178,9 @@ jupyter ssh-spec install --language R --spark --spark-master yarn --user
             extra_spark_opts=self.extra_spark_opts,
             kernel_class_name=self.ipykernel_subclass_name,
             toree_jar=self.toree_jar,
+            hadoop_conf_dir=self.hadoop_conf_dir,
+            yarn_jars=self.yarn_jars,
+            yarn_archive=self.yarn_archive,
             config=self.provisioner_config(explicit),
         )
 
@@ -235,10 +255,20 @@ jupyter ssh-spec convert ssh_python_spark --to standalone --spark-master spark:/
 jupyter ssh-spec convert /usr/local/share/jupyter/kernels/ssh_python_spark_standalone --to yarn
 """
     to = Unicode(config=True, help="Target: standalone or yarn.")
+    hadoop_conf_dir = Unicode(
+        specs.DEFAULT_HADOOP_CONF_DIR,
+        config=True,
+        help="--to yarn: HADOOP_CONF_DIR and YARN_CONF_DIR on the hosts, unless the spec sets them already.",
+    )
     spark_master = Unicode(config=True, help="Standalone master URL, spark://HOST:PORT (for --to standalone).")
     replace = Bool(False, config=True, help="Overwrite an existing spec of the target name.")
 
-    aliases = {**base_aliases, "to": "SshSpecConverter.to", "spark-master": "SshSpecConverter.spark_master"}
+    aliases = {
+        **base_aliases,
+        "to": "SshSpecConverter.to",
+        "spark-master": "SshSpecConverter.spark_master",
+        "hadoop-conf-dir": "SshSpecConverter.hadoop_conf_dir",
+    }
     flags = {
         "replace": ({"SshSpecConverter": {"replace": True}}, "Overwrite an existing spec of the target name."),
         "debug": base_flags["debug"],
@@ -248,7 +278,9 @@ jupyter ssh-spec convert /usr/local/share/jupyter/kernels/ssh_python_spark_stand
         if len(self.extra_args) != 1:
             self.fail("give exactly one kernelspec (name or directory) to convert")
         try:
-            path = specs.convert(find_spec(self.extra_args[0]), self.to, self.spark_master, self.replace)
+            path = specs.convert(
+                find_spec(self.extra_args[0]), self.to, self.spark_master, self.replace, self.hadoop_conf_dir
+            )
         except (SpecError, OSError) as exc:
             self.fail(str(exc))
         self.log.info("Wrote kernelspec %s in %s", path.name, path)

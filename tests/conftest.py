@@ -19,6 +19,7 @@ from spark_gateway.health import Health
 from testlab.gateway import USER_ENV, env, gateway_config, write_spec
 from testlab.hostlab import HostLab, LabHost
 from testlab.spark_cluster import SparkCluster
+from testlab.yarn_lab import YarnLab
 
 __all__ = ["USER_ENV", "env", "gateway_config"]  # tests import these from here too
 
@@ -41,6 +42,16 @@ def spark_cluster(lab: HostLab) -> Iterator[SparkCluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def yarn_lab(lab: HostLab) -> Iterator[YarnLab]:
+    """The shared YARN cluster (started on first use by a YARN test, stopped at the end of the session)."""
+    yarn = YarnLab.start(lab)
+    try:
+        yield yarn
+    finally:
+        yarn.stop()
 
 
 @pytest.fixture(autouse=True)

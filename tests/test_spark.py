@@ -1,7 +1,7 @@
 """Spark kernels through the provisioner over SSH, on a real standalone cluster (tests/spark_cluster.py).
 
-YARN client mode cannot run here (no ResourceManager): its tests check the exact spark-submit command a YARN spec
-runs and that an unreachable ResourceManager fails a start fast, with spark-submit's error in the message.
+YARN client mode against a real ResourceManager is in tests/test_yarn.py; here, the exact spark-submit command a
+YARN spec runs and that an unreachable ResourceManager fails a start fast, with spark-submit's error in the message.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import pytest
 from jupyter_client import AsyncKernelManager
 from jupyter_client.kernelspec import KernelSpecManager
 
+from spark_gateway import yarn
 from spark_gateway.specs import SpecOptions, install
 from testlab.hostlab import HostLab, LabHost
 from testlab.spark_cluster import SPARK_HOME, SparkCluster, python_without_pyspark, spark_distribution
@@ -130,6 +131,16 @@ def submit_args(log: str) -> list[str]:
     line = next(line for line in log.splitlines() if line.startswith("Spark Command:"))
     words = shlex.split(line)
     return words[words.index("org.apache.spark.deploy.SparkSubmit") + 1 :]
+
+
+def without_yarn_confs(args: list[str], kernel_id: str) -> list[str]:
+    """`args` less the confs the gateway adds to every YARN kernel (asserted present: one attempt, tags)."""
+    args = list(args)
+    for conf in ("spark.yarn.maxAppAttempts=1", f"spark.yarn.tags={yarn.GATEWAY_TAG},{yarn.gateway_tag()},{kernel_id}"):
+        i = args.index(conf)
+        assert args[i - 1] == "--conf", args
+        del args[i - 1 : i + 1]
+    return args
 
 
 async def test_lazy_and_eager_kernels_run_side_by_side(lab, managers, spark_cluster, spark_specs, caplog):
@@ -302,7 +313,7 @@ async def test_yarn_client_command_and_unreachable_resource_manager(lab, manager
     message = str(eager_start)
     assert "cannot create the SparkSession (eager mode): java.net.ConnectException" in message
     assert "localhost:9 failed on connection exception" in message  # Hadoop names 127.0.0.1 so
-    assert submit_args(log_text(eager)) == [
+    assert without_yarn_confs(submit_args(log_text(eager)), eager.kernel_id) == [
         "--master", "yarn", "--deploy-mode", "client", "--conf", "spark.executor.memory=1g",
         "--name", eager.kernel_id, "--num-executors", "2", "--proxy-user", "alice", "pyspark-shell",
     ]  # fmt: skip
@@ -315,7 +326,7 @@ async def test_yarn_client_command_and_unreachable_resource_manager(lab, manager
     assert "the SparkSession could not be created: java.net.ConnectException" in out
     out, reply = await execute(lazy, "print(6 * 7)")  # the kernel itself works
     assert out.strip() == "42"
-    assert submit_args(log_text(lazy)) == [
+    assert without_yarn_confs(submit_args(log_text(lazy)), lazy.kernel_id) == [
         "--master", "yarn", "--deploy-mode", "client", "--name", lazy.kernel_id, "pyspark-shell",
     ]  # fmt: skip
     await lazy.shutdown_kernel()

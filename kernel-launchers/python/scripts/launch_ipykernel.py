@@ -121,6 +121,19 @@ def locate_pyspark() -> None:
         sys.exit(f"error: SPARK_HOME={spark_home} is not a usable Spark installation: {exc}")
 
 
+def yarn_tracking_url(sc: Any) -> str | None:
+    """The YARN tracking URL (the RM's proxy of the Spark UI) of a YARN application, from the driver's Hadoop
+    configuration: http(s)://<RM web address>/proxy/<application id>/."""
+    try:
+        hadoop = sc._jsc.hadoopConfiguration()
+        https = str(hadoop.get("yarn.http.policy") or "") == "HTTPS_ONLY"
+        key = "yarn.resourcemanager.webapp.https.address" if https else "yarn.resourcemanager.webapp.address"
+        address = str(hadoop.get(key) or "")
+    except Exception:  # noqa: BLE001 (informational only)
+        return None
+    return f"{'https' if https else 'http'}://{address}/proxy/{sc.applicationId}/" if address else None
+
+
 class _JvmOutput:
     """The JVM's stdout and stderr, copied to the kernel log (not to the notebook); keeps the last lines."""
 
@@ -229,6 +242,8 @@ class SparkSessionStarter:
                 "spark_version": sc.version,
                 "seconds": round(time.monotonic() - self.started, 3),
             }
+            if str(sc.master).startswith("yarn"):
+                details["tracking_url"] = yarn_tracking_url(sc)
         except BaseException as exc:  # noqa: BLE001 (reported, never raised: the kernel goes on)
             error = self._explain(exc)
             self._end_jvm()
@@ -237,8 +252,9 @@ class SparkSessionStarter:
             return
         atexit.register(self.stop)
         self._finish("ready", session=session, details=details)
-        log.info("SparkSession ready in %.2f s: application %s (%s) on %s, Spark UI %s", details["seconds"],
-                 details["app_id"], details["app_name"], details["master"], details["ui_url"])  # fmt: skip
+        log.info("SparkSession ready in %.2f s: application %s (%s) on %s, Spark UI %s%s", details["seconds"],
+                 details["app_id"], details["app_name"], details["master"], details["ui_url"],
+                 f", YARN tracking URL {details['tracking_url']}" if details.get("tracking_url") else "")  # fmt: skip
 
     def _explain(self, exc: BaseException) -> str:
         java = getattr(exc, "java_exception", None)
@@ -333,7 +349,8 @@ class SparkSessionStarter:
         if not self._shown:
             self._shown = True
             d = self.details
-            print(f"Spark application {d['app_id']} ({d['app_name']}) on {d['master']}; Spark UI: {d['ui_url']}")
+            yarn = f"; YARN tracking URL: {d['tracking_url']}" if d.get("tracking_url") else ""
+            print(f"Spark application {d['app_id']} ({d['app_name']}) on {d['master']}; Spark UI: {d['ui_url']}{yarn}")
 
     def _announce_once(self, info: Any = None) -> None:
         """Eager mode: the first cell says which application this kernel is."""
