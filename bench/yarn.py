@@ -23,13 +23,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import bench_lab, until_ready  # noqa: E402
-from bench.spark import BARE_SCRIPT, median_ms, settle  # noqa: E402
-from spark_gateway.specs import SpecOptions, install  # noqa: E402
-from testlab.hostlab import LabHost  # noqa: E402
-from testlab.spark_cluster import SPARK_HOME  # noqa: E402
-from testlab.yarn_lab import YarnLab  # noqa: E402
+from bench.common import bench_lab, until_ready
+from bench.spark import BARE_SCRIPT, median_ms, settle
+from spark_gateway.specs import SpecOptions, install
+from testlab.hostlab import LabHost
+from testlab.spark_cluster import SPARK_HOME
+from testlab.yarn_lab import YarnLab
 
 SMALL = "--conf spark.yarn.am.memory=512m --executor-memory 512m --num-executors 1 --executor-cores 1"
 JARS = f"local:{SPARK_HOME}/jars/*"

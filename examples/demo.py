@@ -65,8 +65,7 @@ def standalone(work: Path) -> Context:
 @contextlib.contextmanager
 def yarn(work: Path) -> Context:
     """Three SSH hosts in network namespaces; a YARN ResourceManager on the last, NodeManagers on the first two."""
-    sys.path.insert(0, str(HERE.parent))
-    from testlab.hostlab import HostLab
+    from testlab.hostlab import HostLab  # run as `python -m examples.demo` from the repository root
     from testlab.yarn_lab import YarnLab
 
     lab = HostLab.start(3)
