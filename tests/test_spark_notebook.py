@@ -27,10 +27,11 @@ EIGHT_TASKS = "print(sc.parallelize(range(8), 8).map(lambda x: (__import__('time
 
 @pytest.fixture(scope="module")
 def notebook_specs(kernels_dir: Path, spark_cluster: SparkCluster) -> Path:
-    """`nb_eager`, and `nb_lazy` with the progress display turned off in its env (the kernelspec's switch)."""
+    """`nb_eager`, and `nb_lazy` with the progress display turned off in its env (the kernelspec's switch). Eager
+    kernels report ready once their session exists: 240 s, for a CI machine as loaded as ours gets."""
     for mode in ("lazy", "eager"):
         opts, _ = SpecOptions(spark=True, spark_master=spark_cluster.url, spark_init_mode=mode, spark_home=SPARK_HOME,
-                              kernel_name=f"nb_{mode}").resolve()  # fmt: skip
+                              kernel_name=f"nb_{mode}", config={"launch_timeout": 240}).resolve()  # fmt: skip
         path = install(opts, kernels_dir / f"nb_{mode}", replace=True)
         if mode == "lazy":
             spec = json.loads((path / "kernel.json").read_text())
