@@ -2,7 +2,8 @@
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip
-APT_PKGS := openssh-server openssh-client iproute2 procps util-linux nftables sudo r-base-core r-cran-irkernel
+APT_PKGS := openssh-server openssh-client iproute2 procps util-linux nftables sudo r-base-core r-cran-irkernel \
+            chromium chromium-driver
 export PYTHONDONTWRITEBYTECODE := 1
 
 SPARK35_VENV ?= .venv-spark35
@@ -41,7 +42,7 @@ yarn-lab: $(YARN_LAB_DIR)/.installed  ## Hadoop YARN 3.5.0 jars for the YARN lab
 
 install: $(VENV)/.installed $(SPARK35_VENV)/.installed  ## a .venv with the package, Spark and the test tools
 
-system-deps:  ## Debian packages the real test hosts need (sshd, ip, setsid; R and IRkernel for R kernels)
+system-deps:  ## Debian packages the real test hosts need (sshd, ip, setsid; R and IRkernel for R kernels; Chromium for the JupyterLab test)
 	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \

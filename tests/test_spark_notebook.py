@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shlex
+import sys
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,17 +22,21 @@ from testlab.hostlab import LabHost
 from testlab.spark_cluster import SPARK_HOME, SparkCluster
 from tests.conftest import env
 
-pytestmark = pytest.mark.asyncio
-
 EIGHT_TASKS = "print(sc.parallelize(range(8), 8).map(lambda x: (__import__('time').sleep(0.4), x)[1]).sum())"
 
 
 @pytest.fixture(scope="module")
 def notebook_specs(kernels_dir: Path, spark_cluster: SparkCluster) -> Path:
+    """`nb_eager`, and `nb_lazy` with the progress display turned off in its env (the kernelspec's switch). Eager
+    kernels report ready once their session exists: 240 s, for a CI machine as loaded as ours gets."""
     for mode in ("lazy", "eager"):
         opts, _ = SpecOptions(spark=True, spark_master=spark_cluster.url, spark_init_mode=mode, spark_home=SPARK_HOME,
-                              kernel_name=f"nb_{mode}").resolve()  # fmt: skip
-        install(opts, kernels_dir / f"nb_{mode}", replace=True)
+                              kernel_name=f"nb_{mode}", config={"launch_timeout": 240}).resolve()  # fmt: skip
+        path = install(opts, kernels_dir / f"nb_{mode}", replace=True)
+        if mode == "lazy":
+            spec = json.loads((path / "kernel.json").read_text())
+            spec["env"]["SPARK_GATEWAY_PROGRESS"] = "off"
+            (path / "kernel.json").write_text(json.dumps(spec))
     return kernels_dir
 
 
@@ -97,6 +102,7 @@ def api(km: AsyncKernelManager, host: LabHost, path: str) -> Any:
         return json.loads(r.read())
 
 
+@pytest.mark.asyncio
 async def test_eager_kernel_real_objects_spark_magic_and_progress(lab, client, notebook_specs, spark_cluster):
     extra = "--conf spark.executor.memory=600m --conf " + shlex.quote("spark.sg.note=a b")
     host = lab.hosts[0]
@@ -155,7 +161,8 @@ async def test_eager_kernel_real_objects_spark_magic_and_progress(lab, client, n
 LONG = "sc.parallelize([0], 1).foreach(lambda _: __import__('time').sleep(3600))"
 
 
-async def test_lazy_kernel_proxies_and_interrupt_cancels_only_the_cells_jobs(lab, client, notebook_specs):
+@pytest.mark.asyncio
+async def test_lazy_kernel_proxies_env_switch_and_interrupt_cancels_only_the_cells_jobs(lab, client, notebook_specs):
     host = lab.hosts[1]
     c = await client("nb_lazy", KERNEL_REMOTE_HOST=host.name)
     msgs, reply = await c.run(
@@ -164,7 +171,13 @@ async def test_lazy_kernel_proxies_and_interrupt_cancels_only_the_cells_jobs(lab
         " 'builder' in dir(spark), spark.__doc__ == SparkSession.__doc__)\n%spark"
     )
     assert reply["status"] == "ok" and text(msgs).strip() == "True True True _SparkName True True", text(msgs)
-    assert "state         starting (" in displays(msgs)[0]["content"]["data"]["text/plain"]  # %spark never waits
+    report = displays(msgs)[0]["content"]["data"]["text/plain"]
+    assert "state         starting (" in report  # %spark never waits
+    assert "job progress  off (" in report  # SPARK_GATEWAY_PROGRESS=off in the kernelspec
+    msgs, reply = await c.run("print(spark.range(3).count())")
+    assert text(msgs).strip().splitlines()[-1] == "3" and not displays(msgs)
+    msgs, reply = await c.run("%spark progress on")
+    assert text(msgs).strip() == "Spark job progress is on"
 
     # A job of another thread (no cell's group) holds the application's only core; the cell's job waits for it.
     msgs, reply = await c.run(f"app = sc.applicationId\nimport threading\n"
@@ -194,3 +207,27 @@ async def test_lazy_kernel_proxies_and_interrupt_cancels_only_the_cells_jobs(lab
 
     msgs, reply = await c.run("sc.cancelAllJobs(); background.join(60); print(background.is_alive())")
     assert text(msgs).strip().splitlines()[-1] == "False"  # its job was cancelled (its traceback above)
+
+
+def test_progress_switch_and_text_rendering() -> None:
+    """Pure logic of spark_notebook.py: the env switch, and the text form of jobs in each state."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "kernel-launchers" / "python" / "scripts"))
+    import spark_notebook as nb
+
+    assert nb.progress_enabled({}) and nb.progress_enabled({"SPARK_GATEWAY_PROGRESS": "on"})
+    assert not any(nb.progress_enabled({"SPARK_GATEWAY_PROGRESS": v}) for v in ("off", "OFF", "0", "false", "no"))
+    job = nb.JobView(4, "RUNNING", [1, 2], seen=100.0)
+    job.stages = {1: nb.StageView(1, "map at x.py:1", 4, 4, 0, 0, 90.0), 2: nb.StageView(2, "collect at x.py:2", 8,
+                                                                                            3, 2, 1, 95.0)}  # fmt: skip
+    text = nb.render_text([job], "http://h:4040/", now=101.5, interrupted=False)
+    first, *stages = text.splitlines()
+    assert first == ("Spark job 4 running   [###########---------] 7/12 tasks, 2 active, 1 failed, 11.5 s  "
+                     "collect at x.py:2  http://h:4040/jobs/job/?id=4")  # fmt: skip
+    assert stages == ["  stage 1: 4/4 tasks, 0 active, 0 failed  map at x.py:1",
+                      "  stage 2: 3/8 tasks, 2 active, 1 failed  collect at x.py:2"]  # fmt: skip
+    job.status, job.ended = "FAILED", 103.0
+    assert nb.render_text([job], None, 200.0, interrupted=True).startswith("Spark job 4 cancelled ")
+    assert " 13.0 s " in nb.render_text([job], None, 200.0, interrupted=False)
+    assert nb.render_text([job], None, 200.0, interrupted=False).startswith("Spark job 4 failed    ")
+    html = nb.render_html([job], "http://h:4040", 200.0, interrupted=False)
+    assert '<a href="http://h:4040/jobs/job/?id=4" target="_blank">4</a>' in html and "collect at x.py:2" in html

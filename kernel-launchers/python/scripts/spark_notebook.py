@@ -156,6 +156,7 @@ class Cell:
     interrupted: bool = False
     jobs: dict[int, JobView] = field(default_factory=dict)
     shown: bool = False
+    last: dict[str, Any] | None = None  # the content last sent
 
 
 class CellJobs:
@@ -292,9 +293,9 @@ class CellJobs:
             "metadata": {},
             "transient": {"display_id": cell.display_id},
         }  # fmt: skip
-        if content == getattr(cell, "_last", None):
+        if content == cell.last:
             return
-        cell._last = content  # type: ignore[attr-defined]
+        cell.last = content
         kind = "update_display_data" if cell.shown else "display_data"
         cell.shown = True
         kernel = self.kernel
