@@ -24,6 +24,7 @@ from traitlets import Bool, Float, Integer, List, Set, TraitError, Unicode, defa
 
 from . import callback, tunnel
 from .control import ControlError, ControlRefused, control_request
+from .hostvalues import ReportRefused, as_user, check_report
 from .placement import (
     ALGORITHMS,
     KERNEL_INVENTORY,
@@ -35,7 +36,8 @@ from .placement import (
 )
 from .remote import LaunchHandle, LaunchScriptError, LocalLaunch, SshLaunch, check_env, launch_script, spec_value
 from .spark import SparkOptsError, check_extra_spark_opts, check_username, spec_master
-from .ssh import CommandResult, SshError, SshPool, SshSettings, in_thread, is_local
+from .ssh import CommandResult, SshError, SshPool, SshSettings, in_thread, is_local, resolve
+from .users import UserRefused, authorize
 
 KERNEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 INVENTORY_SHARING = 0.5  # seconds during which launches reuse a host's inventory
@@ -78,6 +80,17 @@ def parse_port_range(value: str) -> tuple[int, int]:
     if upper - lower < 1000:
         raise ValueError(f"port_range {value!r} spans {upper - lower} ports; it must span at least 1000")
     return lower, upper
+
+
+def check_port_range_narrows(operator: str, client: str) -> None:
+    """A client's KERNEL_PORT_RANGE must be a valid range inside the operator's port_range (any, when 0..0)."""
+    low, high = parse_port_range(operator)
+    lower, upper = parse_port_range(client)
+    if (low, high) != (0, 0) and not (low <= lower and upper <= high and (lower, upper) != (0, 0)):
+        raise ValueError(
+            f"KERNEL_PORT_RANGE {client!r} must lie within the gateway's port_range {low}..{high}: "
+            "a client may narrow the range, never leave it"
+        )
 
 
 def _trait_checked(check: Any, value: Any) -> Any:
@@ -151,7 +164,11 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     response_port_retries = Integer(config=True, help="Further ports tried (GP_RESPONSE_PORT_RETRIES).")
     response_addr_any = Bool(config=True, help="Listen for callbacks on all interfaces (GP_RESPONSE_ADDR_ANY).")
     prohibited_local_ips = List(Unicode(), config=True, help="Never hand these out (GP_PROHIBITED_LOCAL_IPS).")
-    kernel_log_dir = Unicode(config=True, help="Directory of kernel-<id>.log on each host (GP_KERNEL_LOG_DIR).")
+    kernel_log_dir = Unicode(
+        config=True,
+        help="Directory of kernel-<id>.log on each host (GP_KERNEL_LOG_DIR); default: /tmp/spark_gateway-<SSH user>, "
+        "a 0700 directory of the gateway's SSH account.",
+    )
     restart_same_host = Bool(True, config=True, help="Restart a kernel on the host it ran on.")
     enable_tunneling = Bool(
         config=True, help="Kernel ports, control and callback all through the SSH connection (GP_ENABLE_TUNNELING)."
@@ -177,7 +194,7 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     impersonation_enabled = Bool(
         config=True,
-        help="Run kernels as KERNEL_USERNAME: --proxy-user for YARN Spark specs, sudo -u otherwise "
+        help="Run kernels as KERNEL_USERNAME: sudo -n -u for every spec, plus --proxy-user for YARN Spark specs "
         "(GP_IMPERSONATION_ENABLED).",
     )
 
@@ -253,7 +270,7 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     @default("kernel_log_dir")
     def _log_dir_default(self) -> str:
-        return os.environ.get("GP_KERNEL_LOG_DIR", "/tmp")
+        return os.environ.get("GP_KERNEL_LOG_DIR", "")
 
     @default("impersonation_enabled")
     def _impersonation_default(self) -> bool:
@@ -280,6 +297,8 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     hostname: str | None = None
     listener: tuple[str, int, str] | None = None  # address, port, secret
     remote_connection_file: str | None = None
+    run_user: str | None = None  # impersonated kernels: host commands on the kernel's reported values run as them
+    launched_pid: int | None = None  # what the launch shell printed: the session and process group it created
     log_file: str | None = None
     spark: dict[str, Any] | None = None  # the launcher's report on its SparkSession (control op `info`)
     _spark_watch: asyncio.Future | None = None
@@ -306,6 +325,10 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         if key not in _pools:
             _pools[key] = SshPool(settings)
         return _pools[key]
+
+    def _ssh_user(self, host: str) -> str:
+        """The account commands run as on `host`: the SSH login (ours when the host is this machine)."""
+        return getpass.getuser() if self._is_local(host) else resolve(host, self.pool.settings).user
 
     def _is_local(self, host: str) -> bool:
         return is_local(host, self.pool.settings)
@@ -376,16 +399,19 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         return await super().pre_launch(cmd=cmd, **kwargs)
 
     def _authorize(self, env: dict[str, str]) -> str:
-        username = env.get("KERNEL_USERNAME") or getpass.getuser()
-        if username in self.unauthorized_users:
-            raise ProvisionerError(
-                403, f"user {username!r} is not allowed to start kernels (listed in unauthorized_users)"
+        """KERNEL_USERNAME checked by the canonical rule of `users.authorize` (400/403 before any host is used)."""
+        accounts = {getpass.getuser()} | {resolve(h, self.pool.settings).user for h in self.remote_hosts}
+        try:
+            return authorize(
+                env.get("KERNEL_USERNAME"),
+                default=getpass.getuser(),
+                authorized=self.authorized_users,
+                unauthorized=self.unauthorized_users,
+                impersonating=self.impersonation_enabled,
+                gateway_accounts=accounts,
             )
-        if self.authorized_users and username not in self.authorized_users:
-            raise ProvisionerError(
-                403, f"user {username!r} is not allowed to start kernels (not listed in authorized_users)"
-            )
-        return username
+        except UserRefused as exc:
+            raise ProvisionerError(exc.status, exc.message) from None
 
     @staticmethod
     def _check_client_env(env: dict[str, str]) -> None:
@@ -411,7 +437,7 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 words[name] = spec_value(str(template), values)
         self._spark_exports(values, words, username)
         words["GP_LAUNCH_TOKEN"] = token
-        words["GP_KERNEL_LOG_DIR"] = shlex.quote(self.kernel_log_dir)
+        words["GP_KERNEL_LOG_DIR"] = shlex.quote(os.path.dirname(self.log_file or ""))
         return words
 
     # ------------------------------------------------------------------ placement
@@ -510,9 +536,10 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         if not KERNEL_ID.match(self.kernel_id or ""):
             raise ProvisionerError(400, f"kernel id {self.kernel_id!r} is not a valid id (letters, digits, . _ -)")
         username = self._authorize(env)
+        self._check_spark_request(env, username)
         port_range = env.get("KERNEL_PORT_RANGE") or self.port_range
         try:
-            parse_port_range(port_range)
+            check_port_range_narrows(self.port_range, port_range)
         except ValueError as exc:
             raise ProvisionerError(400, str(exc)) from None
         self.pool.health.base = self.host_quarantine
@@ -567,12 +594,16 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             "public_key": public_key,
         }
         argv = [re.sub(r"\{(\w+)\}", lambda m: values.get(m[1], m[0]), arg) for arg in cmd]
-        self.log_file = f"{self.kernel_log_dir.rstrip('/')}/kernel-{self.kernel_id}.log"
+        log_dir = self.kernel_log_dir.rstrip("/") or f"/tmp/spark_gateway-{self._ssh_user(host)}"
+        self.log_file = f"{log_dir}/kernel-{self.kernel_id}.log"
         workdir = env.get("KERNEL_WORKING_DIR") or (str(cwd) if local and cwd else None)  # nbclient passes a Path
         exports = self._exports(env, username, token)
         if tunneled:
             exports["GP_KERNEL_IP"] = "127.0.0.1"  # reachable only through the tunnel
-        script = launch_script(argv, exports, self.log_file, workdir, run_as=self._run_as(username))
+        self.run_user = self._run_as(username)
+        script = launch_script(
+            argv, exports, self.log_file, workdir, self.run_user, private_log_dir=not self.kernel_log_dir
+        )
         payload = gateway.server.register(self.kernel_id, token)
         started = time.monotonic()
         try:
@@ -583,8 +614,14 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         except (SshError, OSError) as exc:
             gateway.server.unregister(self.kernel_id)
             raise HostUnavailable(str(exc)) from None
-        self.pid = self.pgid = handle.pid
+        self.pid = self.pgid = self.launched_pid = handle.pid
         info = await self._await_callback(host, handle, payload, gateway)
+        try:
+            check_report(info, self.kernel_id, handle.pid, impersonated=self.run_user is not None)
+        except ReportRefused as exc:
+            await self._signal_host(host, signal.SIGKILL, group=True)  # the group the launch created
+            self.pid = self.pgid = None
+            raise ProvisionerError(500, f"kernel {self.kernel_id} on {host} was killed: {exc}") from None
         self.log.info(
             "kernel %s running on %s (%s) pid %s, ready in %.2f s",
             self.kernel_id,
@@ -679,8 +716,8 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     def _spark_master(self) -> str | None:
         return spec_master(str((self.kernel_spec.env or {}).get("SPARK_OPTS", "")))
 
-    def _spark_exports(self, values: dict[str, str], words: dict[str, str], username: str) -> None:
-        """Refuse (400) malformed KERNEL_EXTRA_SPARK_OPTS of Spark specs; add --proxy-user when impersonating YARN."""
+    def _check_spark_request(self, values: dict[str, str], username: str) -> None:
+        """Refuse (400) malformed or smuggling KERNEL_EXTRA_SPARK_OPTS of Spark specs, before any host is used."""
         extra = values.get("KERNEL_EXTRA_SPARK_OPTS")
         try:
             if extra is not None and "SPARK_OPTS" in (self.kernel_spec.env or {}):
@@ -689,14 +726,18 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 check_username(username)
         except SparkOptsError as exc:
             raise ProvisionerError(400, str(exc)) from None
+
+    def _spark_exports(self, values: dict[str, str], words: dict[str, str], username: str) -> None:
+        """Check the client's Spark options (`_check_spark_request`); add --proxy-user when impersonating YARN."""
+        self._check_spark_request(values, username)
         if self.impersonation_enabled:
             words["GP_IMPERSONATION_ENABLED"] = "True"
             if self._spark_master() == "yarn" and "SPARK_OPTS" in words:
                 words["SPARK_OPTS"] += shlex.quote(f" --proxy-user {username}")  # a checked name: one token
 
     def _run_as(self, username: str) -> str | None:
-        """Whom `sudo -u` runs the kernel as: KERNEL_USERNAME when impersonating, unless YARN's --proxy-user does."""
-        return username if self.impersonation_enabled and self._spark_master() != "yarn" else None
+        """Whom `sudo -u` runs the kernel as: KERNEL_USERNAME when impersonating, for every spec (YARN ones too)."""
+        return username if self.impersonation_enabled else None
 
     async def _start_spark_watch(self, argv: list[str]) -> None:
         """Learn the kernel's SparkSession: at once when eager, from a background watch while a lazy one starts."""
@@ -750,7 +791,7 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         if self.pool.health.quarantined(host):
             return False
         try:
-            res = await self._run_on_host(host, f"kill -{int(signum)} {target}")
+            res = await self._run_on_host(host, as_user(f"kill -{int(signum)} {target}", self.run_user))
         except (SshError, OSError, asyncio.TimeoutError) as exc:
             self.log.warning("cannot signal kernel %s on %s: %s", self.kernel_id, host, exc)
             self._host_failed(host, str(exc) or type(exc).__name__)
@@ -787,7 +828,8 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         if self.pool.health.quarantined(host):
             return None
         try:
-            res = await self._run_on_host(host, f"ps -o stat= -p {int(self.pid or 0)} | grep -q '^[^Z]'")
+            check = f"ps -o stat= -p {int(self.pid or 0)} | grep -q '^[^Z]'"
+            res = await self._run_on_host(host, as_user(check, self.run_user))
         except (SshError, OSError, asyncio.TimeoutError) as exc:
             self.log.warning("cannot reach %s to check kernel %s: %s", host, self.kernel_id, exc)
             self._host_failed(host, str(exc) or type(exc).__name__)
@@ -833,7 +875,9 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             return
         if self.pgid is not None:
             files = " ".join(shlex.quote(f) for f in (self.remote_connection_file,) if f)
-            command = f"kill -9 -- -{int(self.pgid)} 2>/dev/null; {'rm -f ' + files if files else 'true'}"
+            groups = " ".join(f"-{int(g)}" for g in dict.fromkeys((self.pgid, self.launched_pid)) if g)
+            command = f"kill -9 -- {groups} 2>/dev/null; {'rm -f ' + files if files else 'true'}"
+            command = as_user(command, self.run_user)
             try:
                 if self.pool.health.quarantined(host):
                     raise SshError(self.pool.health.quarantined(host) or "")
@@ -853,7 +897,7 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             self._spark_watch.cancel()
             self._spark_watch = None
         self._restart_host = host if restart else None
-        self.host = self.pid = self.pgid = self.listener = None
+        self.host = self.pid = self.pgid = self.listener = self.launched_pid = None
 
     async def get_provisioner_info(self) -> dict[str, Any]:
         info = await super().get_provisioner_info()
@@ -866,6 +910,8 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             hostname=self.hostname,
             pid=self.pid,
             pgid=self.pgid,
+            launched_pid=self.launched_pid,
+            run_user=self.run_user,
             listener=list(self.listener) if self.listener else None,
             connection_file=self.remote_connection_file,
             log_file=self.log_file,
@@ -884,6 +930,7 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self.host = provisioner_info["host"]
         self.hostname = provisioner_info.get("hostname")
         self.pid, self.pgid = provisioner_info["pid"], provisioner_info["pgid"]
+        self.launched_pid, self.run_user = provisioner_info.get("launched_pid"), provisioner_info.get("run_user")
         listener = provisioner_info.get("listener")
         self.listener = (listener[0], int(listener[1]), listener[2]) if listener else None
         self.remote_connection_file = provisioner_info.get("connection_file")
