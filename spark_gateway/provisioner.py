@@ -787,7 +787,8 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     async def _signal_host(self, host: str, signum: int, group: bool) -> bool:
         """Signal the kernel over SSH (or locally); True when the process (group) existed."""
-        target = f"-- -{self.pgid}" if group else str(self.pid)
+        # `kill -N -PGID`, never `kill -N -- -PGID`: dash's kill reads "--" as a pid and signals nothing
+        target = f"-{int(self.pgid or 0)}" if group else str(int(self.pid or 0))
         if self.pool.health.quarantined(host):
             return False
         try:
@@ -876,7 +877,7 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         if self.pgid is not None:
             files = " ".join(shlex.quote(f) for f in (self.remote_connection_file,) if f)
             groups = " ".join(f"-{int(g)}" for g in dict.fromkeys((self.pgid, self.launched_pid)) if g)
-            command = f"kill -9 -- {groups} 2>/dev/null; {'rm -f ' + files if files else 'true'}"
+            command = f"kill -9 {groups} 2>/dev/null; {'rm -f ' + files if files else 'true'}"
             command = as_user(command, self.run_user)
             try:
                 if self.pool.health.quarantined(host):

@@ -38,8 +38,8 @@ def test_values_the_gateway_will_not_act_on(change: dict[str, Any], impersonated
 def test_values_within_bounds() -> None:
     check_report(GOOD, KID, 4242, impersonated=False)
     check_report(GOOD | {"pgid": 777}, KID, 4242, impersonated=True)  # sudo's pty: acted on as the user only
-    assert as_user("kill -9 -- -5", None) == "kill -9 -- -5"
-    assert as_user("kill -9 -- -5", "alice") == "sudo -n -u alice -- /bin/sh -c 'kill -9 -- -5'"
+    assert as_user("kill -9 -5", None) == "kill -9 -5"
+    assert as_user("kill -9 -5", "alice") == "sudo -n -u alice -- /bin/sh -c 'kill -9 -5'"
 
 
 def open_log(log: Path, private: bool) -> subprocess.CompletedProcess[str]:

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -47,7 +48,7 @@ def accounts(lab: HostLab) -> Iterator[Accounts]:
     """sggw, alice and bob on lab host 1, kernelspecs all of them can read, and a secret only sggw can."""
     if lab.mode != "netns":
         pytest.skip("accounts private to one host need the lab's netns mode (root)")
-    with lab_accounts(lab.hosts[0], GATEWAY, USERS) as made:
+    with lab_accounts(lab.hosts[0], GATEWAY, USERS, lab.dir / "authorized_keys") as made:
         kernels = made.base / "kernels"
         write_spec(kernels / "ssh_python")
         conf = made.base / "hadoop-conf"
@@ -132,10 +133,14 @@ async def test_a_yarn_kernel_runs_as_its_user_with_proxy_user(accounts, as_gatew
     """YARN specs too run under sudo -u (the JVM can then use nothing of the gateway account's), plus --proxy-user."""
     km = as_gateway("yarn_lazy")
     await start(km, accounts, "alice")
+    log = Path(km.provisioner.log_file)
+
+    def submitted() -> list[str]:
+        return [line for line in log.read_text(errors="replace").splitlines() if line.startswith("Spark Command:")]
+
+    assert await eventually(lambda: bool(submitted()), 60), log.read_text(errors="replace")
+    assert "--proxy-user alice" in submitted()[0]
     assert owners(accounts, km.kernel_id).keys() == {"root", "alice"}
-    log = Path(km.provisioner.log_file).read_text(errors="replace")
-    command = next(line for line in log.splitlines() if line.startswith("Spark Command:"))
-    assert "--proxy-user alice" in command
     out, reply = await execute(km, "import getpass; print(getpass.getuser())")
     assert out.strip() == "alice"
 
@@ -236,8 +241,9 @@ def forger(accounts: Accounts) -> Iterator[tuple[str, int, Path]]:
     (spec / "forger.py").chmod(0o644)
     marker = "sg-victim-" + os.urandom(4).hex()
     uid = accounts.uids[GATEWAY]
-    accounts.host.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "setsid", "-f",
-                       sys.executable, "-c", "import time; time.sleep(600)", marker])  # fmt: skip
+    victim_argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "setsid", "-f",
+                   sys.executable, "-c", "import time; time.sleep(600)", marker]  # fmt: skip
+    accounts.host.run(["/bin/sh", "-c", shlex.join(victim_argv) + " </dev/null >/dev/null 2>&1"])
     victim = next(pid for pid, cmd in accounts.host.processes() if marker in cmd)
     runtime = accounts.home(GATEWAY) / "runtime"
     runtime.mkdir(mode=0o700, exist_ok=True)
@@ -268,7 +274,7 @@ async def test_forged_callback_values_never_act_as_the_gateway_account(accounts,
     assert km.provisioner.pgid == host_pid(victim)  # accepted: it only ever acts on it as alice
     await km.shutdown_kernel(now=True)
     assert Path(f"/proc/{victim}").exists() and target.exists()
-    assert await eventually(lambda: kernel_processes(accounts.host, kernel_id) == [], 10)  # the launch's group is gone
+    assert await eventually(lambda: kernel_processes(accounts.host, kernel_id) == [], 10)  # the launch's group too
 
 
 async def test_a_callback_naming_pid_1_fails_the_start(accounts, as_gateway, forger):

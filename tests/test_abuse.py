@@ -1,0 +1,138 @@
+"""The gateway holds under abuse (issue 12): idle connections and garbage sent to the callback server, with real
+sockets, against a ResponseServer on loopback and against a real gateway launching real kernels on the lab."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from spark_gateway import provisioner
+from spark_gateway.callback import ResponseServer, generate_key_pair
+from tests.conftest import env, execute
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernel-launchers" / "shared" / "scripts"))
+import server_listener as sl  # noqa: E402
+
+pytestmark = pytest.mark.asyncio
+GARBAGE = [
+    b"\x00\xffnot json{",
+    json.dumps({"v": 1, "kernel_id": "nobody\nFORGED log line", "key": "QUFB", "nonce": "QUFB", "data": "",
+                "tag": ""}).encode(),
+    json.dumps({"v": 1, "kernel_id": "x" * 100, "key": "A" * 344, "nonce": "A" * 16, "data": "A" * 40000,
+                "tag": "A" * 24}).encode(),
+]  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def idle_connections(
+    address: tuple[str, int], sources: list[str], per_source: int
+) -> AsyncIterator[list[socket.socket]]:
+    """Connections that never send a byte, `per_source` from each source address (opened from a thread, so the
+    server on this event loop accepts them meanwhile)."""
+    socks: list[socket.socket] = []
+
+    def connect() -> None:
+        for source in sources:
+            for _ in range(per_source):
+                socks.append(socket.create_connection(address, timeout=10, source_address=(source, 0)))
+
+    try:
+        await asyncio.to_thread(connect)
+        await asyncio.sleep(0.2)  # let the server's accept callbacks run (evictions happen there)
+        yield socks
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def still_open(socks: list[socket.socket]) -> list[socket.socket]:
+    """The connections the server has not closed (a peek that would block: nothing arrived, no EOF)."""
+    alive = []
+    for sock in socks:
+        sock.setblocking(False)
+        try:
+            if sock.recv(1, socket.MSG_PEEK):
+                continue  # a reply: the server is done with it
+        except BlockingIOError:
+            alive.append(sock)
+        except OSError:
+            pass  # reset by the server
+    return alive
+
+
+def fields(kernel_id: str) -> dict:
+    return {
+        "connection_info": sl.build_connection_info([10001, 10002, 10003, 10004, 10005], "127.0.0.1"),
+        "pid": 4242, "pgid": 4242, "hostname": "h", "listener_port": 10006, "listener_secret": "00" * 32,
+        "connection_file": f"/tmp/sg-kernel-{kernel_id}.json", "log_file": None,
+    }  # fmt: skip
+
+
+async def test_silent_connections_from_many_peers_cannot_keep_a_callback_out() -> None:
+    """200 silent connections from 20 loopback peers: at most the caps stay open, and a callback still gets in."""
+    srv = ResponseServer(generate_key_pair(), max_connections=40, max_per_peer=8, first_bytes_timeout=30)
+    port = await srv.listen("127.0.0.1", 0)
+    try:
+        sources = [f"127.0.0.{i}" for i in range(2, 22)]
+        async with idle_connections(("127.0.0.1", port), sources, 10) as socks:
+            future = srv.register("k1", "t" * 64)
+            args = (f"127.0.0.1:{port}", srv.public_key_b64, "k1", "t" * 64, fields("k1"))
+            await asyncio.to_thread(sl.send_connection_info, *args)
+            assert (await asyncio.wait_for(future, 5))["pid"] == 4242
+            alive = still_open(socks)
+            assert len(alive) <= 40
+            per_peer = {src: sum(s.getsockname()[0] == src for s in alive) for src in sources}
+            assert max(per_peer.values()) <= 8, per_peer
+    finally:
+        await srv.close()
+
+
+async def test_garbage_is_refused_without_rsa_work_and_without_an_oracle(caplog: pytest.LogCaptureFixture) -> None:
+    srv = ResponseServer(generate_key_pair())
+    port = await srv.listen("127.0.0.1", 0)
+    srv.register("pending", "t" * 64)
+    try:
+        with caplog.at_level(logging.INFO, logger="spark_gateway.callback"):
+            for data in GARBAGE:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(data)
+                writer.write_eof()
+                assert json.loads(await asyncio.wait_for(reader.readline(), 5)) == {"ok": False, "error": "refused"}
+                writer.close()
+        messages = [r.getMessage() for r in caplog.records]
+        assert not any("\nFORGED" in m for m in messages), messages  # ids are logged with %r
+        assert any("'nobody\\nFORGED log line' is not registered" in m for m in messages), messages
+        assert not any("unwrap" in m or "authentication" in m for m in messages), messages  # no RSA was tried
+    finally:
+        await srv.close()
+
+
+async def test_a_real_launch_succeeds_under_an_idle_flood_and_garbage(lab, managers) -> None:
+    """400 silent connections to the gateway's callback port and a stream of garbage from another host: a kernel
+    still starts and runs, and the gateway keeps no more silent connections than its per-peer cap."""
+    first = managers()
+    await first.start_kernel(env=env(KERNEL_REMOTE_HOST=lab.hosts[0].name))
+    gateway = provisioner._gateways[asyncio.get_running_loop()]
+    port = gateway.ports[lab.gateway_address]
+    sender = (
+        "import json, socket, sys\n"
+        f"for data in {GARBAGE!r} * 60:\n"
+        f"    with socket.create_connection(({lab.gateway_address!r}, {port}), timeout=10) as s:\n"
+        "        s.sendall(data); s.shutdown(socket.SHUT_WR); s.recv(100)\n"
+    )
+    async with idle_connections((lab.gateway_address, port), [lab.gateway_address], 400) as socks:
+        garbage = asyncio.ensure_future(asyncio.to_thread(lab.hosts[1].run, [sys.executable, "-c", sender]))
+        second = managers()
+        await second.start_kernel(env=env(KERNEL_REMOTE_HOST=lab.hosts[0].name))
+        out, reply = await execute(second, "print(6 * 7)")
+        assert reply["status"] == "ok" and out.strip() == "42"
+        assert len(still_open(socks)) <= gateway.server.max_per_peer
+        assert (await garbage).returncode == 0
