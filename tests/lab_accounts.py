@@ -94,5 +94,5 @@ def lab_accounts(host: LabHost, gateway: str, users: list[str], authorized_keys:
         for path, mode in modes.items():
             path.chmod(mode)
         for target in reversed(done):
-            host.run(["umount", "--recursive", target], check=False)
+            host.run(["umount", "--recursive", "--lazy", target], check=False)  # lazy: a leftover process may hold it
         shutil.rmtree(base, ignore_errors=True)
