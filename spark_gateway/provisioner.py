@@ -23,7 +23,7 @@ from tornado import web
 from traitlets import Bool, Float, Integer, List, Set, TraitError, Unicode, default, validate
 
 from . import callback, tunnel
-from .control import ControlError, ControlRefused, control_request
+from .control import ControlError, ControlFailed, ControlRefused, control_request
 from .hostvalues import ReportRefused, as_user, check_report
 from .placement import (
     ALGORITHMS,
@@ -859,8 +859,12 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 return
             self.log.warning("kernel %s: signal %d not sent: %s", self.kernel_id, signum, exc)
             raise ProvisionerError(409, f"kernel {self.kernel_id} was not sent signal {signum}: {exc}") from None
+        except ControlFailed as exc:  # the listener's own checks said no: never bypassed with a raw signal over SSH
+            self.log.warning("kernel %s: signal %d failed at its listener: %s", self.kernel_id, signum, exc)
+            if signum not in (signal.SIGTERM, signal.SIGKILL):  # shutdown goes on: cleanup kills the group
+                raise ProvisionerError(500, f"kernel {self.kernel_id} was not sent signal {signum}: {exc}") from None
         except ControlError as exc:
-            self.log.debug("control listener of %s unreachable (%s); signalling over SSH", self.kernel_id, exc)
+            self.log.warning("control listener of %s unreachable (%s); signalling over SSH", self.kernel_id, exc)
             await self._signal_host(self.host, signum, group)
 
     async def terminate(self, restart: bool = False) -> None:

@@ -1,5 +1,6 @@
-"""The gateway holds under abuse (issue 12): idle connections and garbage sent to the callback server, with real
-sockets, against a ResponseServer on loopback and against a real gateway launching real kernels on the lab."""
+"""The gateway holds under abuse (issue 12): idle connections and garbage sent to the callback server and to a
+kernel's control listener, with real sockets, against a ResponseServer on loopback and against a real gateway
+launching real kernels on the lab."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import pytest
 
 from spark_gateway import provisioner
 from spark_gateway.callback import ResponseServer, generate_key_pair
-from tests.conftest import env, execute
+from spark_gateway.control import control_request
+from tests.conftest import env, execute, kernel_processes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernel-launchers" / "shared" / "scripts"))
 import server_listener as sl  # noqa: E402
@@ -136,3 +138,30 @@ async def test_a_real_launch_succeeds_under_an_idle_flood_and_garbage(lab, manag
         assert reply["status"] == "ok" and out.strip() == "42"
         assert len(still_open(socks)) <= gateway.server.max_per_peer
         assert (await garbage).returncode == 0
+
+
+async def test_idle_connections_to_a_kernels_listener_do_not_stop_interrupt_and_shutdown(lab, managers, caplog):
+    """60 silent connections held to a kernel's control listener (from the gateway's own address, too): the
+    gateway's authenticated requests still get through the listener, never replaced by a signal over SSH."""
+    host = lab.hosts[2]
+    km = managers()
+    await km.start_kernel(env=env(KERNEL_REMOTE_HOST=host.name))
+    ip, port, secret = km.provisioner.listener
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=60)
+        with caplog.at_level(logging.DEBUG):
+            async with idle_connections((ip, port), [lab.gateway_address], 60) as socks:
+                assert (await control_request(ip, port, secret, "poll"))["alive"] is True
+                msg_id = kc.execute("import time; time.sleep(60)")
+                await asyncio.sleep(0.5)
+                await km.interrupt_kernel()
+                reply = await kc.get_shell_msg(timeout=20)
+                assert (reply["parent_header"]["msg_id"], reply["content"]["ename"]) == (msg_id, "KeyboardInterrupt")
+                assert len(still_open(socks)) < 60  # silent ones were evicted for the gateway's requests
+                await km.shutdown_kernel()
+        assert not [r for r in caplog.records if "over SSH" in r.getMessage()], caplog.text
+    finally:
+        kc.stop_channels()
+    assert kernel_processes(host, km.kernel_id) == []
