@@ -11,6 +11,7 @@ import contextlib
 import socket
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import paramiko
@@ -20,6 +21,11 @@ from .ssh import send_eof
 # per connection: host-side forwarded port -> the local port of the callback server it leads to
 _reverse: weakref.WeakKeyDictionary[paramiko.Transport, dict[int, int]] = weakref.WeakKeyDictionary()
 _reverse_lock = threading.Lock()
+# Each spliced connection costs two threads: anyone on a host can open connections to its forwarded ports, so
+# at most this many callbacks are spliced at once per SSH connection (four times as many connections to a kernel's
+# forwarded ports, which only local users reach); more are closed.
+MAX_SPLICES = 32
+_callback_slots: weakref.WeakKeyDictionary[paramiko.Transport, threading.BoundedSemaphore] = weakref.WeakKeyDictionary()
 
 
 def _half_close(end: Any) -> None:
@@ -30,9 +36,9 @@ def _half_close(end: Any) -> None:
             end.shutdown(socket.SHUT_WR)
 
 
-def splice(sock: socket.socket, channel: paramiko.Channel) -> None:
+def splice(sock: socket.socket, channel: paramiko.Channel, done: Callable[[], None] | None = None) -> None:
     """Join a local socket and an SSH channel both ways; an EOF one way is passed on as a half-close (a request
-    sent and shut for writing still gets its reply), and both close once both ways are done."""
+    sent and shut for writing still gets its reply), and both close once both ways are done (then `done()`)."""
     remaining = [2]
     lock = threading.Lock()
 
@@ -50,6 +56,8 @@ def splice(sock: socket.socket, channel: paramiko.Channel) -> None:
             for end in (sock, channel):
                 with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
                     end.close()
+            if done is not None:
+                done()
 
     for src, dst in ((sock, channel), (channel, sock)):
         threading.Thread(target=pump, args=(src, dst), daemon=True, name="sg-tunnel").start()
@@ -63,14 +71,20 @@ def callback_forward(transport: paramiko.Transport, local_port: int) -> int:
             if local == local_port:
                 return remote
 
+        slots = _callback_slots.setdefault(transport, threading.BoundedSemaphore(MAX_SPLICES))
+
         def arrived(channel: paramiko.Channel, origin: Any, server: Any) -> None:
             # paramiko has one handler per connection: route by the host-side port the kernel connected to
             target = _reverse.get(transport, {}).get(server[1])
+            if not slots.acquire(blocking=False):
+                channel.close()
+                return
             try:
                 if target is None:
                     raise OSError(f"no callback route for port {server[1]}")
-                splice(socket.create_connection(("127.0.0.1", target), timeout=10), channel)
+                splice(socket.create_connection(("127.0.0.1", target), timeout=10), channel, slots.release)
             except OSError:
+                slots.release()
                 channel.close()
 
         remote = transport.request_port_forward("127.0.0.1", 0, handler=arrived)
@@ -84,6 +98,7 @@ class Tunnels:
     def __init__(self, transport: paramiko.Transport) -> None:
         self.transport = transport
         self._listeners: list[socket.socket] = []
+        self._slots = threading.BoundedSemaphore(4 * MAX_SPLICES)  # loopback only: the gateway machine's users
 
     def forward(self, remote_port: int) -> int:
         """A local port whose connections reach the host's 127.0.0.1:`remote_port`."""
@@ -100,14 +115,18 @@ class Tunnels:
                 conn, _ = server.accept()
             except OSError:
                 return  # closed
+            if not self._slots.acquire(blocking=False):
+                conn.close()
+                continue
             try:
                 channel = self.transport.open_channel(
                     "direct-tcpip", ("127.0.0.1", remote_port), conn.getpeername(), timeout=10
                 )
             except (paramiko.SSHException, EOFError, OSError):
+                self._slots.release()
                 conn.close()
                 continue
-            splice(conn, channel)
+            splice(conn, channel, self._slots.release)
 
     def close(self) -> None:
         for server in self._listeners:

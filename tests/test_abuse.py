@@ -10,14 +10,16 @@ import json
 import logging
 import socket
 import sys
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from spark_gateway import provisioner
+from spark_gateway import provisioner, tunnel
 from spark_gateway.callback import ResponseServer, generate_key_pair
 from spark_gateway.control import control_request
+from spark_gateway.ssh import in_thread
 from tests.conftest import env, execute, kernel_processes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernel-launchers" / "shared" / "scripts"))
@@ -165,3 +167,30 @@ async def test_idle_connections_to_a_kernels_listener_do_not_stop_interrupt_and_
     finally:
         kc.stop_channels()
     assert kernel_processes(host, km.kernel_id) == []
+
+
+async def test_connections_to_a_tunnelled_callback_port_create_bounded_threads(lab, managers):
+    """Anyone on a host can connect to the callback's remote forward: each spliced connection costs the gateway
+    two threads, so only `tunnel.MAX_SPLICES` are spliced at once; a tunnelled kernel still starts meanwhile."""
+    host = lab.hosts[1]
+    first = managers(enable_tunneling=True)
+    await first.start_kernel(env=env(KERNEL_REMOTE_HOST=host.name))
+    transport = (await in_thread(first.provisioner.pool.client, host.name)).get_transport()
+    remote_port = next(iter(tunnel._reverse[transport]))
+    holder = (
+        "import socket, time\n"
+        f"socks = [socket.create_connection(('127.0.0.1', {remote_port}), timeout=10) for _ in range(150)]\n"
+        "time.sleep(4)\n"
+    )
+    before = sum(t.name == "sg-tunnel" for t in threading.enumerate())
+    held = asyncio.ensure_future(asyncio.to_thread(host.run, [sys.executable, "-c", holder]))
+    most = 0
+    while not held.done():
+        most = max(most, sum(t.name == "sg-tunnel" for t in threading.enumerate()) - before)
+        await asyncio.sleep(0.05)
+    assert (await held).returncode == 0
+    assert 0 < most <= 2 * tunnel.MAX_SPLICES, most
+    second = managers(enable_tunneling=True)
+    await second.start_kernel(env=env(KERNEL_REMOTE_HOST=host.name))
+    out, reply = await execute(second, "print(6 * 7)")
+    assert out.strip() == "42"
