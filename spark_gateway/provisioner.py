@@ -400,7 +400,9 @@ class DistributedProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     def _authorize(self, env: dict[str, str]) -> str:
         """KERNEL_USERNAME checked by the canonical rule of `users.authorize` (400/403 before any host is used)."""
-        accounts = {getpass.getuser()} | {resolve(h, self.pool.settings).user for h in self.remote_hosts}
+        accounts = {getpass.getuser()}
+        if self.impersonation_enabled:  # the SSH logins hold the sudo right (ssh_config is read, no host is used)
+            accounts |= {resolve(h, self.pool.settings).user for h in self.remote_hosts}
         try:
             return authorize(
                 env.get("KERNEL_USERNAME"),
