@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import errno
 import hmac
 import json
 import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from Crypto.Cipher import AES, PKCS1_OAEP
@@ -18,6 +22,7 @@ from Crypto.PublicKey import RSA
 from . import protocol
 
 log = logging.getLogger(__name__)
+REFUSED = {"ok": False, "error": "refused"}  # all a client learns of a refusal; the gateway log says why
 
 
 class PayloadError(ValueError):
@@ -58,8 +63,8 @@ def _check_fields(obj: dict[str, Any], fields: dict[str, Any], where: str) -> No
             raise PayloadError(f"{where} field {name!r} missing or of the wrong type")
 
 
-def decrypt_payload(private_key: RSA.RsaKey, raw: bytes) -> tuple[str, dict[str, Any]]:
-    """Open a v1 envelope; return (kernel_id, plaintext dict). Raise PayloadError with the reason."""
+def envelope_kernel_id(raw: bytes) -> tuple[str, dict[str, Any]]:
+    """The kernel id an envelope claims, and the envelope (cheap: no cryptography). Raise PayloadError."""
     try:
         envelope = json.loads(raw)
     except ValueError:
@@ -71,6 +76,12 @@ def decrypt_payload(private_key: RSA.RsaKey, raw: bytes) -> tuple[str, dict[str,
     kernel_id = envelope.get("kernel_id")
     if not isinstance(kernel_id, str) or not kernel_id:
         raise PayloadError("envelope field 'kernel_id' missing or not a string")
+    return kernel_id, envelope
+
+
+def decrypt_payload(private_key: RSA.RsaKey, raw: bytes) -> tuple[str, dict[str, Any]]:
+    """Open a v1 envelope; return (kernel_id, plaintext dict). Raise PayloadError with the reason."""
+    kernel_id, envelope = envelope_kernel_id(raw)
     wrapped = _b64field(envelope, "key")
     nonce = _b64field(envelope, "nonce", protocol.NONCE_BYTES)
     data = _b64field(envelope, "data")
@@ -100,22 +111,43 @@ def decrypt_payload(private_key: RSA.RsaKey, raw: bytes) -> tuple[str, dict[str,
     return kernel_id, payload
 
 
+@dataclass
+class _Connection:
+    peer: str  # the peer's address
+    writer: asyncio.StreamWriter
+    talking: bool = False  # it has sent bytes: never evicted for a newcomer
+
+
 class ResponseServer:
-    """Receives connection-info callbacks and resolves the future registered for each kernel."""
+    """Receives connection-info callbacks and resolves the future registered for each kernel.
+
+    Anyone on the network can reach it, so it holds under abuse: a connection must send its first bytes within
+    `first_bytes_timeout` and all of them within `read_timeout`; at most `max_connections` (and `max_per_peer` per
+    address) are served at once, a newcomer evicting the oldest silent one when full (so silent connections can
+    never keep a kernel's callback out); an envelope for a kernel id that is not pending is refused before any RSA
+    work, which runs off the event loop on a small pool of its own; a client is only ever told "refused".
+    """
 
     def __init__(
         self,
         private_key: RSA.RsaKey | None = None,
         read_timeout: float = 10.0,
         max_payload: int = protocol.MAX_MESSAGE,
+        first_bytes_timeout: float = 2.0,
+        max_connections: int = 256,
+        max_per_peer: int = 32,
     ) -> None:
         self.private_key = private_key or generate_key_pair()
         self.public_key_b64 = public_key_b64(self.private_key)
         self.read_timeout = read_timeout
         self.max_payload = max_payload
+        self.first_bytes_timeout = first_bytes_timeout
+        self.max_connections, self.max_per_peer = max_connections, max_per_peer
         self._pending: dict[str, tuple[str, asyncio.Future[dict[str, Any]]]] = {}
         self._accepted: set[str] = set()
         self._servers: list[asyncio.Server] = []
+        self._connections: list[_Connection] = []  # in arrival order
+        self._rsa = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sg-callback-rsa")
 
     async def listen(self, host: str, port: int, port_retries: int = 10) -> int:
         """Bind ``host:port``, trying the next ports on EADDRINUSE; return the bound port."""
@@ -158,53 +190,90 @@ class ResponseServer:
         self._servers.clear()
         for kernel_id in list(self._pending):
             self.unregister(kernel_id)
+        self._rsa.shutdown(wait=False)
 
-    async def _read_all(self, reader: asyncio.StreamReader) -> bytes:
-        chunks, size = [], 0
-        while chunk := await reader.read(65536):
+    async def _read_all(self, reader: asyncio.StreamReader, first: bytes) -> bytes:
+        chunks, size = [first], len(first)
+        while size <= self.max_payload and (chunk := await reader.read(65536)):
             chunks.append(chunk)
             size += len(chunk)
-            if size > self.max_payload:
-                raise PayloadError(f"payload larger than {self.max_payload} bytes")
+        if size > self.max_payload:
+            raise PayloadError(f"payload larger than {self.max_payload} bytes")
         return b"".join(chunks)
 
-    def _accept(self, raw: bytes) -> str:
+    async def _accept(self, raw: bytes) -> str:
         """Verify ``raw`` and resolve its kernel's future; return the kernel id."""
-        kernel_id, payload = decrypt_payload(self.private_key, raw)
+        kernel_id, _ = envelope_kernel_id(raw)
         if kernel_id in self._accepted:
-            raise PayloadError(f"replay: kernel {kernel_id} already called back")
+            raise PayloadError(f"replay: kernel {kernel_id!r} already called back")
+        if kernel_id not in self._pending:  # before any RSA work: garbage costs a JSON parse, no more
+            raise PayloadError(f"kernel {kernel_id!r} is not registered")
+        loop = asyncio.get_running_loop()
+        _, payload = await loop.run_in_executor(self._rsa, decrypt_payload, self.private_key, raw)
+        if kernel_id in self._accepted:
+            raise PayloadError(f"replay: kernel {kernel_id!r} already called back")
         entry = self._pending.get(kernel_id)
         if entry is None:
-            raise PayloadError(f"kernel {kernel_id} is not registered")
+            raise PayloadError(f"kernel {kernel_id!r} is not registered")
         token, future = entry
         if not hmac.compare_digest(payload["launch_token"].encode(), token.encode()):
-            raise PayloadError(f"wrong launch token for kernel {kernel_id}")
+            raise PayloadError(f"wrong launch token for kernel {kernel_id!r}")
         del self._pending[kernel_id]
         self._accepted.add(kernel_id)
         if future.done():
-            raise PayloadError(f"nobody is waiting for kernel {kernel_id} any more")
+            raise PayloadError(f"nobody is waiting for kernel {kernel_id!r} any more")
         future.set_result(payload)
         return kernel_id
 
+    def _admit(self, new: _Connection) -> bool:
+        """Make room for `new` within the caps by evicting the oldest silent connection; False if none is silent."""
+        for cap, same in ((self.max_per_peer, lambda c: c.peer == new.peer), (self.max_connections, lambda c: True)):
+            group = [c for c in self._connections if same(c)]
+            if len(group) >= cap:
+                silent = next((c for c in group if not c.talking), None)
+                if silent is None:
+                    return False
+                self._connections.remove(silent)
+                silent.writer.transport.abort()
+        self._connections.append(new)
+        return True
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
-        reply: dict[str, Any] = {"ok": True}
+        conn = _Connection(str(peer[0]) if peer else "?", writer)
+        if not self._admit(conn):
+            log.warning("refused callback connection from %s: %d connections busy", peer, len(self._connections))
+            writer.transport.abort()
+            return
+        started, reply = time.monotonic(), {"ok": True}
         try:
-            raw = await asyncio.wait_for(self._read_all(reader), self.read_timeout)
-            kernel_id = self._accept(raw)
-            log.info("connection info for kernel %s received from %s", kernel_id, peer)
-        except PayloadError as exc:
-            reply = {"ok": False, "error": exc.reason}
-        except asyncio.TimeoutError:
-            reply = {"ok": False, "error": f"no complete payload within {self.read_timeout} s"}
-        except Exception as exc:  # a payload must never take the server down
-            reply = {"ok": False, "error": f"internal error: {exc!r}"}
-        if not reply["ok"]:
-            log.warning("rejected callback from %s: %s", peer, reply["error"])
-        try:
-            writer.write(json.dumps(reply).encode() + b"\n")
-            await asyncio.wait_for(writer.drain(), self.read_timeout)
-            writer.close()
-            await asyncio.wait_for(writer.wait_closed(), self.read_timeout)
-        except (OSError, asyncio.TimeoutError):
-            pass
+            try:
+                first = await asyncio.wait_for(reader.read(65536), self.first_bytes_timeout)
+                conn.talking = True
+                left = self.read_timeout - (time.monotonic() - started)
+                raw = await asyncio.wait_for(self._read_all(reader, first), max(left, 0.0))
+                kernel_id = await self._accept(raw)
+                log.info("connection info for kernel %r received from %s", kernel_id, peer)
+            except PayloadError as exc:
+                reply, reason = REFUSED, exc.reason
+            except asyncio.TimeoutError:
+                reply = REFUSED
+                reason = (
+                    f"no complete payload within {self.read_timeout:g} s"
+                    if conn.talking
+                    else f"sent nothing within {self.first_bytes_timeout:g} s"
+                )
+            except (ConnectionError, OSError):
+                return  # evicted, or the peer went away
+            except Exception as exc:  # a payload must never take the server down
+                reply, reason = REFUSED, f"internal error: {exc!r}"
+            if not reply["ok"]:
+                log.warning("rejected callback from %s: %s", peer, reason)
+            with contextlib.suppress(OSError, asyncio.TimeoutError):
+                writer.write(json.dumps(reply).encode() + b"\n")
+                await asyncio.wait_for(writer.drain(), self.read_timeout)
+                writer.close()
+                await asyncio.wait_for(writer.wait_closed(), self.read_timeout)
+        finally:
+            if conn in self._connections:
+                self._connections.remove(conn)

@@ -52,6 +52,17 @@ def parse_port_range(value: str) -> tuple[int, int]:
     return lower, upper
 
 
+def check_port_range_narrows(operator: str, client: str) -> None:
+    """A client's KERNEL_PORT_RANGE must be a valid range inside the operator's port_range (any, when 0..0)."""
+    low, high = parse_port_range(operator)
+    lower, upper = parse_port_range(client)
+    if (low, high) != (0, 0) and not (low <= lower and upper <= high and (lower, upper) != (0, 0)):
+        raise ValueError(
+            f"KERNEL_PORT_RANGE {client!r} must lie within the gateway's port_range {low}..{high}: "
+            "a client may narrow the range, never leave it"
+        )
+
+
 def trait_checked(check: Any, value: Any) -> Any:
     """Run a validator, turning its ValueError into the TraitError traitlets reports."""
     try:
@@ -193,7 +204,11 @@ class GatewayOptions(SshOptions, AccessOptions, CallbackOptions):
     load_balancing_algorithm = Unicode(
         config=True, help=f"One of {', '.join(ALGORITHMS)} (GP_LOAD_BALANCING_ALGORITHM)."
     )
-    kernel_log_dir = Unicode(config=True, help="Directory of kernel-<id>.log on each host (GP_KERNEL_LOG_DIR).")
+    kernel_log_dir = Unicode(
+        config=True,
+        help="Directory of kernel-<id>.log on each host (GP_KERNEL_LOG_DIR); default: /tmp/spark_gateway-<SSH user>, "
+        "a 0700 directory of the gateway's SSH account.",
+    )
     restart_same_host = Bool(True, config=True, help="Restart a kernel on the host it ran on.")
     enable_tunneling = Bool(
         config=True, help="Kernel ports, control and callback all through the SSH connection (GP_ENABLE_TUNNELING)."
@@ -206,7 +221,7 @@ class GatewayOptions(SshOptions, AccessOptions, CallbackOptions):
     )
     impersonation_enabled = Bool(
         config=True,
-        help="Run kernels as KERNEL_USERNAME: --proxy-user for YARN Spark specs, sudo -u otherwise "
+        help="Run kernels as KERNEL_USERNAME: sudo -n -u for every spec, plus --proxy-user for YARN Spark specs "
         "(GP_IMPERSONATION_ENABLED).",
     )
 
@@ -234,7 +249,7 @@ class GatewayOptions(SshOptions, AccessOptions, CallbackOptions):
 
     @default("kernel_log_dir")
     def _log_dir_default(self) -> str:
-        return os.environ.get("GP_KERNEL_LOG_DIR", "/tmp")
+        return os.environ.get("GP_KERNEL_LOG_DIR", "")
 
     @default("enable_tunneling")
     def _tunneling_default(self) -> bool:

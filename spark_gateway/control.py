@@ -13,7 +13,11 @@ class ControlError(Exception):
     """A control request failed; the message names host:port and the reason."""
 
 
-class ControlRefused(ControlError):
+class ControlFailed(ControlError):
+    """The listener answered the request and it failed (``"ok": false``): it must not be retried another way."""
+
+
+class ControlRefused(ControlFailed):
     """The listener understood the request and declined it on purpose (``"refused": true``); the reason says why."""
 
 
@@ -66,5 +70,5 @@ async def control_request(
     if reply.get("ok") is not True and reply.get("refused") is True:
         raise ControlRefused(str(reply.get("error", "refused")))
     if reply.get("ok") is not True:
-        raise ControlError(f"{where}, op {op!r} failed: {reply.get('error', reply)}")
+        raise ControlFailed(f"{where}, op {op!r} failed: {reply.get('error', reply)}")
     return reply

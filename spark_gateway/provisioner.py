@@ -24,17 +24,18 @@ from jupyter_client.provisioning import KernelProvisionerBase
 from . import limits, tunnel, yarn
 from .callback import public_key_b64
 from .config import GatewayOptions
-from .control import ControlError, ControlRefused, control_request
+from .control import ControlError, ControlFailed, ControlRefused, control_request
 from .errors import ProvisionerError
 from .gateway import HOST_ERRORS, Cluster, Gateway
 from .hosts import Host
+from .hostvalues import ReportRefused, as_user, check_report
 from .placement import PlacementError
 from .protocol import PORT_NAMES, format_address
 from .remote import LaunchHandle, launch_script
 from .request import LaunchRequest
 from .spark import spec_master
 from .sparkwatch import SparkWatch
-from .ssh import SshError
+from .ssh import SshError, resolve
 
 __all__ = ["DistributedProvisioner", "ProvisionerError"]
 
@@ -54,6 +55,8 @@ class DistributedProvisioner(GatewayOptions, KernelProvisionerBase):  # type: ig
     listener: tuple[str, int, str] | None = None  # address, port, secret
     remote_connection_file: str | None = None
     log_file: str | None = None
+    run_user: str | None = None  # impersonated kernels: host commands on the kernel's reported values run as them
+    launched_pid: int | None = None  # what the launch shell printed: the session and process group it created
     remote_ports: dict[str, int] | None = None  # tunnelled kernels: the ports on the host behind the local forwards
     _restart_host: str | None = None
     _exit_status: int | None = None
@@ -201,14 +204,18 @@ class DistributedProvisioner(GatewayOptions, KernelProvisionerBase):  # type: ig
             "public_key": public_key_b64(await self.gateway.private_key()),
         }
         argv = [re.sub(r"\{(\w+)\}", lambda m: values.get(m[1], m[0]), arg) for arg in cmd]
-        self.log_file = f"{self.kernel_log_dir.rstrip('/')}/kernel-{self.kernel_id}.log"
+        log_dir = self.kernel_log_dir.rstrip("/") or f"/tmp/spark_gateway-{await self._ssh_user(host)}"
+        self.log_file = f"{log_dir}/kernel-{self.kernel_id}.log"
         cwd = kwargs.get("cwd")
         workdir = request.working_dir or (str(cwd) if host.local and cwd else None)  # nbclient passes a Path
-        exports = dict(request.exports, GP_LAUNCH_TOKEN=token, GP_KERNEL_LOG_DIR=shlex.quote(self.kernel_log_dir))
+        exports = dict(request.exports, GP_LAUNCH_TOKEN=token, GP_KERNEL_LOG_DIR=shlex.quote(log_dir))
         exports["GP_ORPHAN_TIMEOUT"] = shlex.quote(f"{max(0.0, self.orphan_timeout):g}")
         if tunneled:
             exports["GP_KERNEL_IP"] = "127.0.0.1"  # reachable only through the tunnel
-        script = launch_script(argv, exports, self.log_file, workdir, run_as=request.run_as)
+        self.run_user = request.run_as
+        script = launch_script(
+            argv, exports, self.log_file, workdir, self.run_user, private_log_dir=not self.kernel_log_dir
+        )
         payload = state.server.register(self.kernel_id, token)
         started = time.monotonic()
         try:
@@ -216,8 +223,14 @@ class DistributedProvisioner(GatewayOptions, KernelProvisionerBase):  # type: ig
         except (SshError, OSError) as exc:
             state.server.unregister(self.kernel_id)
             raise HostUnavailable(str(exc)) from None
-        self.pid = self.pgid = handle.pid
+        self.pid = self.pgid = self.launched_pid = handle.pid
         info = await self._await_callback(entry, handle, payload, state.server)
+        try:
+            check_report(info, self.kernel_id, handle.pid, impersonated=self.run_user is not None)
+        except ReportRefused as exc:
+            await self._signal_host(entry, signal.SIGKILL, group=True)  # the group the launch created
+            self.pid = self.pgid = None
+            raise ProvisionerError(500, f"kernel {self.kernel_id} on {entry} was killed: {exc}") from None
         self.log.info(
             "kernel %s running on %s (%s) pid %s, ready in %.2f s",
             self.kernel_id, entry, info.get("hostname"), info.get("pid"), time.monotonic() - started,
@@ -227,6 +240,12 @@ class DistributedProvisioner(GatewayOptions, KernelProvisionerBase):  # type: ig
             connection = await self._tunnel_ports(host, connection)
         await self.spark_watch.start(request.spark_mode)
         return connection
+
+    async def _ssh_user(self, host: Host) -> str:
+        """The account commands run as on `host`: the SSH login (ours when the host is this machine)."""
+        if host.local:
+            return getpass.getuser()
+        return (await host.pool.call(resolve, host.entry, host.pool.settings)).user
 
     async def _response_address(self, host: Host, tunneled: bool) -> str:
         """An address of ours that `host` can reach, with our callback server listening on it."""
@@ -328,11 +347,12 @@ class DistributedProvisioner(GatewayOptions, KernelProvisionerBase):  # type: ig
 
     async def _signal_host(self, entry: str, signum: int, group: bool) -> bool:
         """Signal the kernel over SSH (or locally); True when the process (group) existed."""
-        target = f"-- -{int(self.pgid or 0)}" if group else str(int(self.pid or 0))
+        # `kill -N -PGID`, never `kill -N -- -PGID`: dash's kill reads "--" as a pid and signals nothing
+        target = f"-{int(self.pgid or 0)}" if group else str(int(self.pid or 0))
         if self.cluster.health.quarantined(entry):
             return False
         try:
-            res = await self._run_on(entry, f"kill -{int(signum)} {target}")
+            res = await self._run_on(entry, as_user(f"kill -{int(signum)} {target}", self.run_user))
         except HOST_ERRORS as exc:
             self.log.warning("cannot signal kernel %s on %s: %s", self.kernel_id, entry, exc)
             self._host_failed(entry, str(exc) or type(exc).__name__)
@@ -371,7 +391,8 @@ class DistributedProvisioner(GatewayOptions, KernelProvisionerBase):  # type: ig
         if self.cluster.health.quarantined(entry):
             return None
         try:
-            res = await self._run_on(entry, f"ps -o stat= -p {int(self.pid or 0)} | grep -q '^[^Z]'")
+            check = f"ps -o stat= -p {int(self.pid or 0)} | grep -q '^[^Z]'"
+            res = await self._run_on(entry, as_user(check, self.run_user))
         except HOST_ERRORS as exc:
             self.log.warning("cannot reach %s to check kernel %s: %s", entry, self.kernel_id, exc)
             self._host_failed(entry, str(exc) or type(exc).__name__)
@@ -410,8 +431,12 @@ class DistributedProvisioner(GatewayOptions, KernelProvisionerBase):  # type: ig
                 return
             self.log.warning("kernel %s: signal %d not sent: %s", self.kernel_id, signum, exc)
             raise ProvisionerError(409, f"kernel {self.kernel_id} was not sent signal {signum}: {exc}") from None
+        except ControlFailed as exc:  # the listener's own checks said no: never bypassed with a raw signal over SSH
+            self.log.warning("kernel %s: signal %d failed at its listener: %s", self.kernel_id, signum, exc)
+            if signum not in (signal.SIGTERM, signal.SIGKILL):  # shutdown goes on: cleanup kills the group
+                raise ProvisionerError(500, f"kernel {self.kernel_id} was not sent signal {signum}: {exc}") from None
         except ControlError as exc:
-            self.log.debug("control listener of %s unreachable (%s); signalling over SSH", self.kernel_id, exc)
+            self.log.warning("control listener of %s unreachable (%s); signalling over SSH", self.kernel_id, exc)
             await self._signal_host(self.host, signum, group)
 
     async def cleanup(self, restart: bool = False) -> None:
@@ -422,7 +447,8 @@ class DistributedProvisioner(GatewayOptions, KernelProvisionerBase):  # type: ig
             return
         if self.pgid is not None:
             files = " ".join(shlex.quote(f) for f in (self.remote_connection_file,) if f)
-            command = f"kill -9 -- -{int(self.pgid)} 2>/dev/null; {'rm -f ' + files if files else 'true'}"
+            groups = " ".join(f"-{int(g)}" for g in dict.fromkeys((self.pgid, self.launched_pid)) if g)
+            command = as_user(f"kill -9 {groups} 2>/dev/null; {'rm -f ' + files if files else 'true'}", self.run_user)
             try:
                 await self._run_on(entry, command)
             except HOST_ERRORS as exc:
@@ -441,7 +467,7 @@ class DistributedProvisioner(GatewayOptions, KernelProvisionerBase):  # type: ig
         if spec_master(str((self.kernel_spec.env or {}).get("SPARK_OPTS", ""))) == "yarn":
             await self._reconcile_yarn()
         self._restart_host = entry if restart else None
-        self.host = self.pid = self.pgid = self.listener = None
+        self.host = self.pid = self.pgid = self.listener = self.launched_pid = None
 
     async def _reconcile_yarn(self) -> None:
         """Kill the YARN applications of this gateway's kernels that are gone (this one included), see yarn.py."""
@@ -474,6 +500,8 @@ class DistributedProvisioner(GatewayOptions, KernelProvisionerBase):  # type: ig
             spark=self.spark_watch.report,
             skipped=self.skipped,
             remote_ports=self.remote_ports,
+            launched_pid=self.launched_pid,
+            run_user=self.run_user,
         )
         return info
 
@@ -495,6 +523,7 @@ class DistributedProvisioner(GatewayOptions, KernelProvisionerBase):  # type: ig
         self.spark_watch.report = provisioner_info.get("spark")
         self.skipped = provisioner_info.get("skipped", [])
         self.remote_ports = provisioner_info.get("remote_ports")
+        self.launched_pid, self.run_user = provisioner_info.get("launched_pid"), provisioner_info.get("run_user")
         if self.remote_ports and self.host:  # tunnelled: the old gateway's local ports died with it
             await self._tunnel_ports(await self._host(self.host), self.connection_info)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import posixpath
 import re
 import shlex
 from collections.abc import Mapping
@@ -66,11 +67,13 @@ def launch_script(
     log_file: str,
     workdir: str | None = None,
     run_as: str | None = None,
+    private_log_dir: bool = False,
 ) -> str:
     """The script that starts the kernel detached (own session) and reports its pid, exit status and log tail.
 
     `exports` maps names to shell words (already quoted, see `spec_value`); `run_as` runs the kernel under
-    `sudo -u` with that environment.
+    `sudo -u` with that environment. The log is never opened through a symlink or another user's file (see
+    `log_lines`); with `private_log_dir` its directory must be ours and is made 0700.
     """
     lines = [f"export {name}={word}" for name, word in exports.items()]
     if workdir:
@@ -80,9 +83,10 @@ def launch_script(
     if run_as:
         keep = ",".join(exports)
         command = f"sudo -n -u {shlex.quote(run_as)} --preserve-env={shlex.quote(keep)} -- {command}"
+    lines += log_lines(log_file, private_log_dir)
     lines += [
-        f"(umask 077 && : >> {log}) || {{ echo 'cannot write the kernel log '{log} >&2; exit 98; }}",
-        f"setsid {command} < /dev/null >> {log} 2>&1 &",
+        f"setsid {command} < /dev/null >&3 2>&3 3>&- &",
+        "exec 3>&-",
         "pid=$!",
         'echo "pid $pid"',
         'wait "$pid"',
@@ -90,6 +94,34 @@ def launch_script(
         f"tail -n {TAIL_LINES} {log}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def log_lines(log_file: str, private_dir: bool) -> list[str]:
+    """Shell lines that open the kernel log as fd 3, never through a planted symlink or someone else's file.
+
+    A log file we own, that is no symlink, is appended to (a restart keeps the earlier run's lines; in a sticky
+    or private directory nobody else can swap it); anything else at that path makes the launch fail, and a new
+    file is created with `set -C` (O_EXCL: a symlink planted there is not followed). The directory is created
+    0700 if missing; with `private_dir` it must be a real directory of ours, and is made 0700.
+    """
+    log, folder = shlex.quote(log_file), shlex.quote(posixpath.dirname(log_file) or "/")
+    lines = ["mask=$(umask); umask 077", f"[ -d {folder} ] || mkdir -p -m 700 {folder} 2>/dev/null"]
+    if private_dir:
+        lines += [
+            f"if [ -L {folder} ] || [ ! -d {folder} ] || [ ! -O {folder} ] || ! chmod 700 {folder}; then",
+            f"  echo 'the kernel log directory '{folder}' is not a directory of this account (a symlink or another"
+            " user'\\''s): remove it, or set GP_KERNEL_LOG_DIR' >&2; exit 98",
+            "fi",
+        ]
+    lines += [
+        f"if [ -f {log} ] && [ ! -L {log} ] && [ -O {log} ]; then command exec 3>> {log}",
+        f"else set -C; command exec 3> {log}",
+        "fi",
+        'opened=$?; set +C; umask "$mask"',
+        f"[ \"$opened\" = 0 ] || {{ echo 'cannot create the kernel log '{log}' (a file or symlink of another user"
+        " there is never followed)' >&2; exit 98; }",
+    ]
+    return lines
 
 
 @dataclass

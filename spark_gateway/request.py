@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import yarn
-from .config import GatewayOptions, parse_port_range
+from .config import GatewayOptions, check_port_range_narrows
 from .errors import ProvisionerError
 from .placement import PlacementError, check_pin
 from .remote import LaunchScriptError, check_env, spec_value
 from .spark import INIT_FLAG, SparkOptsError, check_extra_spark_opts, check_username, spec_master
+from .ssh import resolve
+from .users import UserRefused, authorize
 
 KERNEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 
@@ -49,7 +51,7 @@ class LaunchRequest:
         values.update(KERNEL_ID=kernel_id, KERNEL_USERNAME=username)
         _check(lambda: [check_env(name, value) for name, value in values.items()], LaunchScriptError)
         port_range = values.get("KERNEL_PORT_RANGE") or options.port_range
-        _check(lambda: parse_port_range(port_range), ValueError)
+        _check(lambda: check_port_range_narrows(options.port_range, port_range), ValueError)
         pinned = values.get("KERNEL_REMOTE_HOST") or None
         if pinned:
             _check(lambda: check_pin(options.remote_hosts, pinned), PlacementError, status=403)
@@ -70,12 +72,11 @@ class LaunchRequest:
         if master == "yarn" and "SPARK_OPTS" in words:
             words["SPARK_OPTS"] += shlex.quote(yarn.submit_conf(kernel_id))  # tags, one attempt (yarn.py)
         run_as = None
-        if options.impersonation_enabled:
+        if options.impersonation_enabled:  # every kernel runs as its user; a YARN application is theirs too
             words["GP_IMPERSONATION_ENABLED"] = "True"
+            run_as = username
             if master == "yarn" and "SPARK_OPTS" in words:
                 words["SPARK_OPTS"] += shlex.quote(f" --proxy-user {username}")  # a checked name: one token
-            else:
-                run_as = username
         mode = argv[argv.index(INIT_FLAG) + 1] if INIT_FLAG in argv[:-1] else "none"
         return cls(
             kernel_id=kernel_id,
@@ -90,14 +91,22 @@ class LaunchRequest:
 
 
 def _authorize(values: Mapping[str, str], options: GatewayOptions) -> str:
-    username = values.get("KERNEL_USERNAME") or getpass.getuser()
-    if username in options.unauthorized_users:
-        raise ProvisionerError(403, f"user {username!r} is not allowed to start kernels (listed in unauthorized_users)")
-    if options.authorized_users and username not in options.authorized_users:
-        raise ProvisionerError(
-            403, f"user {username!r} is not allowed to start kernels (not listed in authorized_users)"
+    """KERNEL_USERNAME by the canonical rule of `users.authorize` (400 malformed, 403 not allowed)."""
+    accounts = {getpass.getuser()}
+    if options.impersonation_enabled:  # the SSH logins hold the sudo right (ssh_config is read, no host is used)
+        settings = options.ssh_settings()
+        accounts |= {resolve(entry, settings).user for entry in options.remote_hosts}
+    try:
+        return authorize(
+            values.get("KERNEL_USERNAME"),
+            default=getpass.getuser(),
+            authorized=options.authorized_users,
+            unauthorized=options.unauthorized_users,
+            impersonating=options.impersonation_enabled,
+            gateway_accounts=accounts,
         )
-    return username
+    except UserRefused as exc:
+        raise ProvisionerError(exc.status, exc.message) from None
 
 
 def _check(check: Any, errors: type[Exception] | tuple[type[Exception], ...], status: int = 400) -> None:

@@ -63,6 +63,27 @@ CONTROLLED_CONFS = {
     "spark.yarn.principal": "--principal",
     "spark.yarn.keytab": "--keytab",
 }
+# confs whose value is a JVM command line: checked like --driver-java-options
+JAVA_OPTION_CONFS = {
+    "spark.driver.extraJavaOptions",
+    "spark.driver.defaultJavaOptions",
+    "spark.executor.extraJavaOptions",
+    "spark.executor.defaultJavaOptions",
+    "spark.yarn.am.extraJavaOptions",
+}
+CONTROLLED_PREFIXES = {"spark.kerberos.": "--principal", "spark.yarn.kerberos.": "--principal"}
+# confs that set a process environment: the variables that choose the Hadoop/Spark user are the gateway's
+ENV_CONF_PREFIXES = ("spark.executorEnv.", "spark.yarn.appMasterEnv.", "spark.kubernetes.driverEnv.")
+# JVM options that load code before Spark starts, or read further options from a file
+JVM_LOADERS = {
+    "-javaagent": "it loads a Java agent into the JVM before Spark starts",
+    "-agentlib": "it loads a native agent into the JVM before Spark starts",
+    "-agentpath": "it loads a native agent into the JVM before Spark starts",
+    "-Xbootclasspath": "it replaces classes of the JVM itself",
+    "-XX:Flags=": "it reads further JVM options from a file",
+    "-XX:VMOptionsFile=": "it reads further JVM options from a file",
+    "@": "it reads further JVM options from a file",
+}
 USERNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._@-]{0,63}\Z")
 MASTER_OPT = re.compile(r"(?:^|\s+)--master(?:=|\s+)(\S+)")  # in a SPARK_OPTS template; group 1: the master
 INIT_FLAG = "--spark-context-initialization-mode"  # a Spark kernel's argv: lazy, eager or none
@@ -107,16 +128,48 @@ def check_extra_spark_opts(text: str, name: str = "KERNEL_EXTRA_SPARK_OPTS") -> 
             raise SparkOptsError(f"{name}: {option} needs a value ({EXAMPLE})")
         if option in ("--conf", "-c"):
             _check_conf(value, name)
+        elif option == "--driver-java-options":
+            check_java_options(value, f"{name}: --driver-java-options")
     return tokens
 
 
 def _check_conf(value: str, name: str) -> None:
-    key, eq, _ = value.partition("=")
+    key, eq, conf_value = value.partition("=")
     if not eq or not key.strip():
         raise SparkOptsError(f"{name}: --conf needs KEY=VALUE, got {value!r} (e.g. --conf spark.executor.memory=1g)")
-    if key.strip() in CONTROLLED_CONFS:
-        option = CONTROLLED_CONFS[key.strip()]
-        raise SparkOptsError(f"{name} may not set {key.strip()}: {CONTROLLED_OPTIONS[option]}")
+    _check_key(key.strip(), f"{name} may not set {key.strip()}")
+    if key.strip() in JAVA_OPTION_CONFS:
+        check_java_options(conf_value, f"{name}: --conf {key.strip()}")
+
+
+def _check_key(key: str, refusal: str) -> None:
+    """Refuse a Spark conf key (or a JVM system property, which Spark reads as one) the gateway controls."""
+    option = CONTROLLED_CONFS.get(key) or next((o for p, o in CONTROLLED_PREFIXES.items() if key.startswith(p)), None)
+    if option:
+        raise SparkOptsError(f"{refusal}: {CONTROLLED_OPTIONS[option]}")
+    env_name = next((key[len(p) :] for p in ENV_CONF_PREFIXES if key.startswith(p)), key)
+    if env_name.upper().startswith("HADOOP_") or env_name.upper() in ("SPARK_USER", "USER.NAME"):
+        raise SparkOptsError(f"{refusal}: it would choose the user Hadoop or Spark acts as, which the gateway sets")
+
+
+def check_java_options(text: str, where: str) -> list[str]:
+    """Check JVM options (`--driver-java-options`, `spark.*.extraJavaOptions`): plain tuning (-Xss4m, -XX:...,
+    -Dlog4j...) passes; system properties for gateway-controlled keys or Hadoop users, agents, boot class path
+    and option files are refused, naming the token."""
+    try:
+        tokens = shlex.split(text)
+    except ValueError as exc:
+        raise SparkOptsError(f"{where} cannot be parsed ({exc}): quote values like a shell would") from None
+    for token in tokens:
+        loader = next((flag for flag in JVM_LOADERS if token.startswith(flag)), None)
+        if loader:
+            raise SparkOptsError(f"{where}: JVM option {token!r} is not allowed: {JVM_LOADERS[loader]}")
+        if token.startswith("-D"):
+            key, _, value = token[2:].partition("=")
+            _check_key(key.strip(), f"{where}: JVM option {token!r} is not allowed")
+            if key.strip() in JAVA_OPTION_CONFS:
+                check_java_options(value, f"{where}: {token!r}")
+    return tokens
 
 
 def spec_master(spark_opts: str) -> str | None:

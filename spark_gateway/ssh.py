@@ -90,9 +90,10 @@ class Target:
     user: str
     identity_files: list[str]
     known_hosts_files: list[str]
-    strict: bool
+    strict: bool  # StrictHostKeyChecking yes (the default): an unknown host key is refused
     proxy_jump: str | None
     configured: bool  # ssh_config has a block that changes this entry
+    accept_new: bool = False  # StrictHostKeyChecking accept-new: trust on first use, saved to known_hosts
 
 
 def resolve(entry: str, settings: SshSettings) -> Target:
@@ -119,6 +120,7 @@ def resolve(entry: str, settings: SshSettings) -> Target:
         strict=opts.get("stricthostkeychecking", "yes").lower() not in ("no", "off", "accept-new"),
         proxy_jump=opts.get("proxyjump"),
         configured=configured,
+        accept_new=opts.get("stricthostkeychecking", "yes").lower() == "accept-new",
     )
 
 
@@ -201,7 +203,9 @@ class SshPool:
         for path in t.known_hosts_files:
             if os.path.isfile(path):
                 client.load_host_keys(path)
-        client.set_missing_host_key_policy(paramiko.RejectPolicy() if t.strict else paramiko.WarningPolicy())
+        client.set_missing_host_key_policy(
+            paramiko.RejectPolicy() if t.strict else SaveNewKey(t) if t.accept_new else paramiko.WarningPolicy()
+        )
         keys = t.identity_files or _default_keys()
         extra = _gss_options() if self.settings.gss_auth else {}
         sock = self._socket(t)
@@ -312,6 +316,31 @@ class SshPool:
         if isinstance(sock, socket.socket):
             return sock.getpeername()[0]
         return resolve(entry, self.settings).hostname
+
+
+class SaveNewKey(paramiko.MissingHostKeyPolicy):
+    """StrictHostKeyChecking accept-new, as OpenSSH does it: a host's first key is saved to the first
+    UserKnownHostsFile (so a different key later is refused as changed); a known host's key must still match."""
+
+    _lock = threading.Lock()
+
+    def __init__(self, target: Target) -> None:
+        self.path = Path(target.known_hosts_files[0])
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        with self._lock:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            try:
+                size = os.fstat(fd).st_size
+                unterminated = size > 0 and os.pread(fd, 1, size - 1) != b"\n"
+                line = f"{hostname} {key.get_name()} {key.get_base64()}\n"
+                os.write(fd, ("\n" if unterminated else "").encode() + line.encode())
+            finally:
+                os.close(fd)
+        client.get_host_keys().add(hostname, key.get_name(), key)
+        log.warning("accept-new: trusted and saved the first host key of %s (%s %s) to %s", hostname,
+                    key.get_name(), key.fingerprint, self.path)  # fmt: skip
 
 
 def _gss_options() -> dict[str, bool]:

@@ -11,11 +11,17 @@ import contextlib
 import socket
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import paramiko
 
 from .ssh import send_eof
+
+# Each spliced connection costs two threads: anyone on a host can open connections to its forwarded ports, so
+# at most this many callbacks are spliced at once per SSH connection (four times as many connections to a kernel's
+# forwarded ports, which only local users reach); more are closed.
+MAX_SPLICES = 32
 
 
 def _half_close(end: Any) -> None:
@@ -26,9 +32,9 @@ def _half_close(end: Any) -> None:
             end.shutdown(socket.SHUT_WR)
 
 
-def splice(sock: socket.socket, channel: paramiko.Channel) -> None:
+def splice(sock: socket.socket, channel: paramiko.Channel, done: Callable[[], None] | None = None) -> None:
     """Join a local socket and an SSH channel both ways; an EOF one way is passed on as a half-close (a request
-    sent and shut for writing still gets its reply), and both close once both ways are done."""
+    sent and shut for writing still gets its reply), and both close once both ways are done (then `done()`)."""
     remaining = [2]
     lock = threading.Lock()
 
@@ -46,6 +52,8 @@ def splice(sock: socket.socket, channel: paramiko.Channel) -> None:
             for end in (sock, channel):
                 with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
                     end.close()
+            if done is not None:
+                done()
 
     for src, dst in ((sock, channel), (channel, sock)):
         threading.Thread(target=pump, args=(src, dst), daemon=True, name="sg-tunnel").start()
@@ -59,6 +67,9 @@ class CallbackForwards:
 
     def __init__(self) -> None:
         self._routes: weakref.WeakKeyDictionary[paramiko.Transport, dict[int, int]] = weakref.WeakKeyDictionary()
+        self._slots: weakref.WeakKeyDictionary[paramiko.Transport, threading.BoundedSemaphore] = (
+            weakref.WeakKeyDictionary()
+        )
         self._lock = threading.Lock()
 
     def port(self, transport: paramiko.Transport, local_port: int) -> int:
@@ -73,13 +84,19 @@ class CallbackForwards:
             return remote
 
     def _arrived_on(self, transport: paramiko.Transport) -> Any:
+        slots = self._slots.setdefault(transport, threading.BoundedSemaphore(MAX_SPLICES))
+
         def arrived(channel: paramiko.Channel, origin: Any, server: Any) -> None:
             target = self._routes.get(transport, {}).get(server[1])
+            if not slots.acquire(blocking=False):
+                channel.close()
+                return
             try:
                 if target is None:
                     raise OSError(f"no callback route for port {server[1]}")
-                splice(socket.create_connection(("127.0.0.1", target), timeout=10), channel)
+                splice(socket.create_connection(("127.0.0.1", target), timeout=10), channel, slots.release)
             except OSError:
+                slots.release()
                 channel.close()
 
         return arrived
@@ -91,6 +108,7 @@ class Tunnels:
     def __init__(self, transport: paramiko.Transport) -> None:
         self.transport = transport
         self._listeners: list[socket.socket] = []
+        self._slots = threading.BoundedSemaphore(4 * MAX_SPLICES)  # loopback only: the gateway machine's users
 
     def forward(self, remote_port: int) -> int:
         """A local port whose connections reach the host's 127.0.0.1:`remote_port`."""
@@ -107,14 +125,18 @@ class Tunnels:
                 conn, _ = server.accept()
             except OSError:
                 return  # closed
+            if not self._slots.acquire(blocking=False):
+                conn.close()
+                continue
             try:
                 channel = self.transport.open_channel(
                     "direct-tcpip", ("127.0.0.1", remote_port), conn.getpeername(), timeout=10
                 )
             except (paramiko.SSHException, EOFError, OSError):
+                self._slots.release()
                 conn.close()
                 continue
-            splice(conn, channel)
+            splice(conn, channel, self._slots.release)
 
     def close(self) -> None:
         for server in self._listeners:

@@ -21,9 +21,9 @@ import pytest
 import requests
 
 from spark_gateway.specs import SpecOptions, install
+from testlab.hostlab import HostLab
+from testlab.spark_cluster import SPARK_HOME, SparkCluster
 from tests.conftest import env, kernel_processes
-from tests.hostlab import HostLab
-from tests.spark_cluster import SPARK_HOME, SparkCluster
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 try:

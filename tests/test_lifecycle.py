@@ -23,8 +23,8 @@ HOSTILE = {
     "KERNEL_NEWLINE": "line one\nline two; touch /tmp/sg-pwned-3\n",
     "KERNEL_UNICODE": "Grüße, 数据, ☃",
     "KERNEL_SEMI": "x'; touch /tmp/sg-pwned-4; echo '",
-    "KERNEL_USERNAME": "bob'; touch /tmp/sg-pwned-5 #",
 }
+HOSTILE_USER = "bob'; touch /tmp/sg-pwned-5 #"  # not a plain POSIX user name: refused (400) before any host is used
 
 
 async def test_kernel_on_each_host_runs_there(lab, managers):
@@ -86,6 +86,10 @@ async def test_hostile_kernel_values_arrive_intact_and_execute_nothing(lab, mana
     code = f"import os, json; print(json.dumps({{k: os.environ.get(k) for k in {sorted(HOSTILE)!r}}}))"
     out, _ = await execute(km, code)
     assert json.loads(out) == HOSTILE
+    refused = managers(unauthorized_users=[])
+    with pytest.raises(Exception, match="is not a plain POSIX user name") as info:
+        await refused.start_kernel(env=env(KERNEL_REMOTE_HOST=host.name, KERNEL_USERNAME=HOSTILE_USER))
+    assert getattr(info.value, "status_code", None) == 400
     listing = host.run(["sh", "-c", "ls /tmp | grep sg-pwned || true"]).stdout
     assert listing.strip() == ""
     assert not list(Path("/tmp").glob("sg-pwned-*"))

@@ -145,7 +145,7 @@ async def test_bad_payload_rejected_and_server_keeps_serving(
     with caplog.at_level(logging.WARNING, logger="spark_gateway.callback"):
         reply = await send_raw(port, data)
     if reply is not None or case != "oversize":  # an oversize sender may see a reset instead of the reply
-        assert reply is not None and reply["ok"] is False and reason in reply["error"]
+        assert reply == {"ok": False, "error": "refused"}  # the reason is the gateway log's, not an oracle's
     assert any(reason in r.getMessage() and LOCAL in r.getMessage() for r in caplog.records), caplog.text
     assert not good_future.done()
     assert (case == "replay") == bad_future.done()
@@ -165,7 +165,7 @@ async def test_silent_client_does_not_block_others(server: tuple[ResponseServer,
     assert await send_raw(port, sealed(srv, "k1", token)[0]) == {"ok": True}
     assert future.done() and time.monotonic() - started < 0.5  # read_timeout is 1 s
     reply = json.loads(await asyncio.wait_for(silent_reader.readline(), 3))
-    assert reply["ok"] is False and "no complete payload" in reply["error"]
+    assert reply == {"ok": False, "error": "refused"}
     silent_writer.close()
 
 
@@ -177,7 +177,7 @@ async def test_unregister_cancels_and_rejects(server: tuple[ResponseServer, int]
     srv.unregister("k1")
     assert future.cancelled()
     reply = await send_raw(port, sealed(srv, "k1", token)[0])
-    assert reply is not None and reply["ok"] is False and "not registered" in reply["error"]
+    assert reply == {"ok": False, "error": "refused"}
 
 
 @pytest.mark.asyncio

@@ -297,14 +297,24 @@ async def test_interrupt_cancels_the_running_job_and_the_kernel_stays_usable(lab
     await km.shutdown_kernel()
 
 
-async def test_yarn_client_command_and_unreachable_resource_manager(lab, managers, spark_specs):
-    """Eager: start_kernel fails fast with spark-submit's error. Lazy: ready, then `spark` raises that error."""
-    host = lab.hosts[1]
-    eager = managers("yarn_eager", impersonation_enabled=True)
+async def test_yarn_client_command_and_unreachable_resource_manager(lab, managers, spark_specs, lab_user):
+    """Eager: start_kernel fails fast with spark-submit's error. Lazy: ready, then `spark` raises that error.
+    The eager kernel impersonates the lab user: it runs as that user (sudo), with --proxy-user."""
+    host, user, base = lab_user
+    spec = shutil.copytree(spark_specs / "yarn_eager", base / "kernels" / "yarn_eager")
+    data = json.loads((spec / "kernel.json").read_text())
+    conf = shutil.copytree(data["env"]["HADOOP_CONF_DIR"], base / "hadoop-conf")
+    data["env"]["HADOOP_CONF_DIR"] = str(conf)
+    data["argv"] = [a.replace(str(spark_specs / "yarn_eager"), str(spec)) for a in data["argv"]]
+    (spec / "kernel.json").write_text(json.dumps(data))
+    for path in [base / "kernels", *sorted((base / "kernels").rglob("*")), conf, *conf.iterdir()]:
+        path.chmod(path.stat().st_mode | (0o755 if path.is_dir() else 0o644))
+    eager = AsyncKernelManager(kernel_name="yarn_eager", config=gateway_config(lab, impersonation_enabled=True),
+                               kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(base / "kernels")]))  # fmt: skip
     lazy = managers("yarn_lazy")
     extra = "--conf spark.executor.memory=1g --num-executors 2"
     eager_start, lazy_start = await asyncio.gather(
-        eager.start_kernel(env=env(KERNEL_REMOTE_HOST=host.name, KERNEL_EXTRA_SPARK_OPTS=extra)),
+        eager.start_kernel(env=env(KERNEL_REMOTE_HOST=host.name, KERNEL_EXTRA_SPARK_OPTS=extra, KERNEL_USERNAME=user)),
         lazy.start_kernel(env=env(KERNEL_REMOTE_HOST=host.name)),
         return_exceptions=True,
     )
@@ -315,7 +325,7 @@ async def test_yarn_client_command_and_unreachable_resource_manager(lab, manager
     assert "localhost:9 failed on connection exception" in message  # Hadoop names 127.0.0.1 so
     assert without_yarn_confs(submit_args(log_text(eager)), eager.kernel_id) == [
         "--master", "yarn", "--deploy-mode", "client", "--conf", "spark.executor.memory=1g",
-        "--name", eager.kernel_id, "--num-executors", "2", "--proxy-user", "alice", "pyspark-shell",
+        "--name", eager.kernel_id, "--num-executors", "2", "--proxy-user", user, "pyspark-shell",
     ]  # fmt: skip
     assert kernel_processes(host, eager.kernel_id) == []
 

@@ -85,6 +85,8 @@ class ControlListener:
         timeout: float = 5.0,
         max_connections: int = 16,
         info: Callable[[float], dict[str, Any]] | None = None,
+        first_line_timeout: float = 2.0,
+        max_per_peer: int = 4,
         interrupt_signal: int | None = None,
         interrupt_guard: Callable[[], str | None] | None = None,
         orphan_timeout: float | None = None,
@@ -100,7 +102,14 @@ class ControlListener:
         # Returns why an interrupt must not be sent now (None: send it); the reply is then refused with that reason
         self.interrupt_guard = interrupt_guard
         self.secret = secret or secrets.token_bytes(32)
-        self._slots = threading.BoundedSemaphore(max_connections)
+        # Anyone on the network can connect: a request line must come within first_line_timeout, and when all
+        # max_connections (or a peer's max_per_peer) are taken, a newcomer evicts the oldest connection still
+        # waiting for its request line, so silent connections can never keep the gateway's request out.
+        self.first_line_timeout = min(first_line_timeout, timeout)
+        self.max_connections, self.max_per_peer = max_connections, max_per_peer
+        self._lock = threading.Lock()
+        self._active = 0
+        self._waiting: list[tuple[str, socket.socket]] = []  # (peer address, connection), oldest first
         self._sock = _socket_for(ip)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((ip, port))
@@ -129,11 +138,32 @@ class ControlListener:
                 conn, peer = self._sock.accept()
             except OSError:
                 return  # socket closed by stop()
-            if not self._slots.acquire(blocking=False):
+            if not self._admit(conn, str(peer[0]) if peer else "?"):
                 log.warning("control connection from %s dropped: too many connections", peer)
                 conn.close()
                 continue
             threading.Thread(target=self._handle, args=(conn, peer), daemon=True).start()
+
+    def _admit(self, conn: socket.socket, address: str) -> bool:
+        """Take a slot for `conn`, evicting the oldest silent connection (of its peer first) when full."""
+        with self._lock:
+            same = [w for w in self._waiting if w[0] == address]
+            victim = same[0] if len(same) >= self.max_per_peer else None
+            if victim is None and self._active >= self.max_connections:
+                victim = self._waiting[0] if self._waiting else None
+                if victim is None:
+                    return False
+            if victim is not None:
+                self._waiting.remove(victim)
+                with contextlib.suppress(OSError):
+                    victim[1].shutdown(socket.SHUT_RDWR)  # its thread wakes, fails its read and frees its slot
+            self._active += 1
+            self._waiting.append((address, conn))
+            return True
+
+    def _heard(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._waiting = [w for w in self._waiting if w[1] is not conn]
 
     def _handle(self, conn: socket.socket, peer: Any) -> None:
         after: Callable[[], None] | None = None
@@ -142,7 +172,8 @@ class ControlListener:
                 challenge = secrets.token_hex(16)
                 conn.settimeout(self.timeout)
                 conn.sendall(json.dumps({"challenge": challenge}).encode() + b"\n")
-                line = protocol.recv_line(conn, time.monotonic() + self.timeout, MAX_MESSAGE)
+                line = protocol.recv_line(conn, time.monotonic() + self.first_line_timeout, MAX_MESSAGE)
+                self._heard(conn)
                 op, args = self._authenticate(challenge, line)
                 self.orphans.seen()
                 reply, after = self._dispatch(op, args)
@@ -154,7 +185,9 @@ class ControlListener:
         except Exception as exc:  # never let a client take the thread down
             log.warning("control connection from %s failed: %r", peer, exc)
         finally:
-            self._slots.release()
+            self._heard(conn)
+            with self._lock:
+                self._active -= 1
 
     def _authenticate(self, challenge: str, line: bytes) -> tuple[str, dict[str, Any]]:
         try:
