@@ -42,7 +42,9 @@ def test_a_valid_request_carries_everything_the_launch_needs():
     req = build({"KERNEL_EXTRA_SPARK_OPTS": "--conf spark.x=1", "KERNEL_REMOTE_HOST": "h2:2222"}, YARN)
     assert (req.kernel_id, req.username, req.pinned, req.spark_mode) == ("k-1", "alice", "h2:2222", "eager")
     assert req.run_as is None and req.port_range == "0..0" and req.working_dir is None
-    assert shell_value(req.exports["SPARK_OPTS"]) == "--master yarn --name k-1 --conf spark.x=1"
+    opts = shell_value(req.exports["SPARK_OPTS"])
+    assert opts.startswith("--master yarn --name k-1 --conf spark.x=1 --conf spark.yarn.maxAppAttempts=1 ")
+    assert shlex.split(opts)[-1].startswith("spark.yarn.tags=spark_gateway,") and opts.endswith(",k-1")  # last: wins
     assert shell_value(req.exports["KERNEL_ID"]) == "k-1" and shell_value(req.exports["KERNEL_USERNAME"]) == "alice"
 
 
@@ -77,12 +79,15 @@ def test_spark_options_are_checked_for_spark_specs_only():
     assert build({"KERNEL_EXTRA_SPARK_OPTS": "--master local"}).exports["KERNEL_EXTRA_SPARK_OPTS"]  # plain kernel
 
 
-def test_impersonation_runs_as_the_user_or_proxies_for_yarn():
+def test_impersonation_runs_every_kernel_as_its_user_and_proxies_for_yarn():
     plain = build({}, STANDALONE, impersonation_enabled=True)
     assert plain.run_as == "alice" and plain.exports["GP_IMPERSONATION_ENABLED"] == "True"
     yarn = build({}, YARN, impersonation_enabled=True)
-    assert yarn.run_as is None and shell_value(yarn.exports["SPARK_OPTS"]).endswith(" --proxy-user alice")
-    refused(400, "cannot be impersonated", {"KERNEL_USERNAME": "a b"}, impersonation_enabled=True)
+    assert yarn.run_as == "alice" and shell_value(yarn.exports["SPARK_OPTS"]).endswith(" --proxy-user alice")
+    refused(400, "KERNEL_USERNAME", {"KERNEL_USERNAME": "a b"}, impersonation_enabled=True)
+    refused(400, "is required", {"KERNEL_USERNAME": ""}, impersonation_enabled=True)
+    refused(403, "as root or as the gateway's own account", {"KERNEL_USERNAME": "root"}, impersonation_enabled=True,
+            unauthorized_users=set())  # fmt: skip
 
 
 def test_spec_env_is_rendered_against_client_values_and_a_bad_spec_is_500():
