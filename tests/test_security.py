@@ -24,7 +24,8 @@ import pytest_asyncio
 from jupyter_client import AsyncKernelManager
 from jupyter_client.kernelspec import KernelSpecManager
 
-from spark_gateway.specs import SpecOptions, install, write_spec
+from spark_gateway.specs import SpecOptions, install
+from testlab.gateway import write_spec
 from testlab.hostlab import HostLab
 from testlab.lab_accounts import Accounts, lab_accounts
 from testlab.spark_cluster import SPARK_HOME
