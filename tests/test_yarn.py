@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import urllib.request
 import uuid
@@ -160,7 +161,9 @@ async def test_eager_kernel_queue_proxy_user_restart_and_sigkill(lab, managers, 
     args = submit_args(log_text(km))
     assert args[args.index("--queue") + 1] == "q1" and args[args.index("--proxy-user") + 1] == "alice"
     assert f"spark.yarn.tags={yarn.GATEWAY_TAG},{yarn.gateway_tag()},{km.kernel_id}" in args
-    assert (await execute(km, "print(spark.range(5).count())", timeout=CELL_BOUND))[0].strip() == "5"
+    out = (await execute(km, "print(spark.range(5).count())", timeout=CELL_BOUND))[0]
+    assert out.strip().splitlines()[-1] == "5"
+    assert out.startswith(f"Spark application {app_id} ({km.kernel_id}) on yarn; Spark UI: http")
 
     await km.restart_kernel()
     assert (await ended(yarn_lab, lab, app_id))["state"] in ("FINISHED", "KILLED")
@@ -312,7 +315,9 @@ async def test_scala_lazy_kernel_runs_a_job_on_yarn(lab, managers, yarn_lab, ker
     code = 'println(sc.parallelize(1 to 100, 2).sum.toLong + " " + sc.applicationId)'
     out, reply = await run_scala(km, code, timeout=CELL_BOUND)
     assert reply["status"] == "ok", out
-    total, app_id = out.strip().splitlines()[-1].split()
+    found = re.search(r"^(\d+) (application_\d+_\d+)$", out, re.M)
+    assert found, out
+    total, app_id = found.groups()
     app = yarn_lab.app(app_id)
     assert total == "5050" and (app["name"], app["state"]) == (km.kernel_id, "RUNNING")
     assert km.kernel_id in app["applicationTags"].split(",")
