@@ -18,6 +18,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e '.[spark,test]'
 	touch $@
 
+# `make demo` needs only the package, pyspark and `jupyter execute` (not the test tools, not the Scala environment)
+$(VENV)/.demo-installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[spark,demo]'
+	touch $@
+
 # Scala kernels: Apache Toree 0.5 is built for Scala 2.12, so it needs Spark 3.x; the main .venv has pyspark 4.
 # A second environment holds pyspark 3.5 and apache-toree (pip only; about 40 s). tests/test_scala_kernel.py uses it.
 $(SPARK35_VENV)/.installed:
@@ -53,7 +60,7 @@ test: install system-deps $(TOREE_CACHE)/.fetched yarn-lab  ## the whole suite a
 	$(VENV)/bin/ruff check spark_gateway kernel-launchers testlab tests bench examples
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
-demo: $(VENV)/.installed  ## executes examples/*.ipynb through the provisioner on this machine
+demo: $(VENV)/.demo-installed  ## executes examples/*.ipynb through the provisioner on this machine
 	$(PY) -m examples.demo
 
 demo-standalone: install system-deps  ## the same notebooks on SSH hosts in namespaces, against a standalone cluster (root)
