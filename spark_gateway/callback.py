@@ -158,7 +158,7 @@ class ResponseServer:
         private_key: RSA.RsaKey | None = None,
         read_timeout: float = 10.0,
         max_payload: int = MAX_PAYLOAD,
-        first_bytes_timeout: float = 2.0,
+        first_bytes_timeout: float = 5.0,
         max_connections: int = 256,
         max_per_peer: int = 32,
     ) -> None:
