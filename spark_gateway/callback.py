@@ -166,7 +166,7 @@ class ResponseServer:
         self.public_key_b64 = public_key_b64(self.private_key)
         self.read_timeout = read_timeout
         self.max_payload = max_payload
-        self.first_bytes_timeout = first_bytes_timeout
+        self.first_bytes_timeout = min(first_bytes_timeout, read_timeout)
         self.max_connections, self.max_per_peer = max_connections, max_per_peer
         self._pending: dict[str, tuple[str, asyncio.Future[dict[str, Any]]]] = {}
         self._accepted: set[str] = set()
