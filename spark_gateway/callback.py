@@ -133,7 +133,7 @@ class ResponseServer:
         private_key: RSA.RsaKey | None = None,
         read_timeout: float = 10.0,
         max_payload: int = protocol.MAX_MESSAGE,
-        first_bytes_timeout: float = 2.0,
+        first_bytes_timeout: float = 5.0,
         max_connections: int = 256,
         max_per_peer: int = 32,
     ) -> None:
@@ -141,7 +141,7 @@ class ResponseServer:
         self.public_key_b64 = public_key_b64(self.private_key)
         self.read_timeout = read_timeout
         self.max_payload = max_payload
-        self.first_bytes_timeout = first_bytes_timeout
+        self.first_bytes_timeout = min(first_bytes_timeout, read_timeout)
         self.max_connections, self.max_per_peer = max_connections, max_per_peer
         self._pending: dict[str, tuple[str, asyncio.Future[dict[str, Any]]]] = {}
         self._accepted: set[str] = set()

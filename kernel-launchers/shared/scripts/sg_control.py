@@ -85,7 +85,7 @@ class ControlListener:
         timeout: float = 5.0,
         max_connections: int = 16,
         info: Callable[[float], dict[str, Any]] | None = None,
-        first_line_timeout: float = 2.0,
+        first_line_timeout: float = 5.0,
         max_per_peer: int = 4,
         interrupt_signal: int | None = None,
         interrupt_guard: Callable[[], str | None] | None = None,
