@@ -19,7 +19,7 @@ from .config import GatewayOptions, check_port_range_narrows
 from .errors import ProvisionerError
 from .placement import PlacementError, check_pin
 from .remote import LaunchScriptError, check_env, spec_value
-from .spark import INIT_FLAG, SparkOptsError, check_extra_spark_opts, check_username, spec_master
+from .spark import INIT_FLAG, SparkOptsError, check_extra_spark_opts, spec_master
 from .ssh import resolve
 from .users import UserRefused, authorize
 
@@ -59,8 +59,6 @@ class LaunchRequest:
         master = spec_master(spec_env.get("SPARK_OPTS", ""))
         if "SPARK_OPTS" in spec_env and "KERNEL_EXTRA_SPARK_OPTS" in values:
             _check(lambda: check_extra_spark_opts(values["KERNEL_EXTRA_SPARK_OPTS"]), SparkOptsError)
-        if options.impersonation_enabled:
-            _check(lambda: check_username(username), SparkOptsError)
         words = {name: shlex.quote(value) for name, value in values.items()}
         for name, template in spec_env.items():
             if name not in values:

@@ -84,7 +84,6 @@ JVM_LOADERS = {
     "-XX:VMOptionsFile=": "it reads further JVM options from a file",
     "@": "it reads further JVM options from a file",
 }
-USERNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._@-]{0,63}\Z")
 MASTER_OPT = re.compile(r"(?:^|\s+)--master(?:=|\s+)(\S+)")  # in a SPARK_OPTS template; group 1: the master
 INIT_FLAG = "--spark-context-initialization-mode"  # a Spark kernel's argv: lazy, eager or none
 EXAMPLE = "e.g. --conf spark.executor.memory=1g --num-executors 2"
@@ -177,11 +176,3 @@ def spec_master(spark_opts: str) -> str | None:
     m = MASTER_OPT.search(spark_opts)
     return m[1] if m else None
 
-
-def check_username(username: str) -> str:
-    """A user name that can be passed to `sudo -u` and `--proxy-user` as is."""
-    if not USERNAME.match(username):
-        raise SparkOptsError(
-            f"KERNEL_USERNAME {username!r} cannot be impersonated: a user name has letters, digits and . _ @ - only"
-        )
-    return username
