@@ -119,6 +119,9 @@ class DistributedProvisioner(GatewayOptions, KernelProvisionerBase):  # type: ig
         try:
             await self._admit(request.username)
             return await self._start(request, cmd, kwargs)
+        except BaseException:
+            self.gateway.kernel_ids.discard(self.kernel_id)  # no kernel of this id runs (YARN reconciliation)
+            raise
         finally:
             self.gateway.user_launches.end(self.kernel_id)  # admitted by _admit: the hosts now show it, or not
 
