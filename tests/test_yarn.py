@@ -321,7 +321,7 @@ async def test_scala_lazy_kernel_runs_a_job_on_yarn(lab, managers, yarn_lab, ker
     finally:
         kc.stop_channels()
     assert reply["status"] == "ok", out
-    found = re.search(r"^(\d+) (application_\d+_\d+)$", out, re.M)
+    found = re.search(r"\b(\d+) (application_\d+_\d+)", out)  # after Toree's "Waiting for a Spark session..."
     assert found, out
     total, app_id = found.groups()
     app = yarn_lab.app(app_id)
