@@ -26,7 +26,8 @@ from testlab.spark_cluster import SPARK_HOME
 from testlab.yarn_lab import YarnLab, site_xml
 from tests.conftest import env, execute, kernel_processes
 from tests.test_scala_kernel import SPARK35_HOME, TOREE_JAR, needs_spark35
-from tests.test_scala_kernel import run as run_scala
+from tests.test_scala_kernel import client as scala_client
+from tests.test_scala_kernel import execute as scala_execute
 from tests.test_spark import log_text, submit_args, until
 from tests.test_sshspec import kernel_json, sshspec, tables
 
@@ -313,9 +314,14 @@ async def test_scala_lazy_kernel_runs_a_job_on_yarn(lab, managers, yarn_lab, ker
     km = managers("yarn_scala")
     await km.start_kernel(env=env(KERNEL_REMOTE_HOST=lab.hosts[0].name))
     code = 'println(sc.parallelize(1 to 100, 2).sum.toLong + " " + sc.applicationId)'
-    out, reply = await run_scala(km, code, timeout=CELL_BOUND)
+    kc = scala_client(km)
+    try:
+        await kc.wait_for_ready(timeout=CELL_BOUND)  # Toree's JVM can take long to boot on a loaded machine
+        out, reply = await scala_execute(kc, code, timeout=CELL_BOUND)
+    finally:
+        kc.stop_channels()
     assert reply["status"] == "ok", out
-    found = re.search(r"^(\d+) (application_\d+_\d+)$", out, re.M)
+    found = re.search(r"\b(\d+) (application_\d+_\d+)", out)  # after Toree's "Waiting for a Spark session..."
     assert found, out
     total, app_id = found.groups()
     app = yarn_lab.app(app_id)
