@@ -1,6 +1,6 @@
 """Issue 12 on real lab hosts with real local users: who kernels run as, and what they can reach.
 
-A lab host gets three accounts (tests/lab_accounts.py): `sggw`, the gateway's SSH login, which may `sudo -u`
+A lab host gets three accounts (testlab/lab_accounts.py): `sggw`, the gateway's SSH login, which may `sudo -u`
 `alice` and `bob` and nothing else (the operator's rule, README *Security model*), and the two notebook users.
 The gateway connects as `sggw` with impersonation enabled.
 """

@@ -1,4 +1,4 @@
-"""Spark kernels through the provisioner over SSH, on a real standalone cluster (tests/spark_cluster.py).
+"""Spark kernels through the provisioner over SSH, on a real standalone cluster (testlab/spark_cluster.py).
 
 YARN client mode against a real ResourceManager is in tests/test_yarn.py; here, the exact spark-submit command a
 YARN spec runs and that an unreachable ResourceManager fails a start fast, with spark-submit's error in the message.

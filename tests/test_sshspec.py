@@ -1,5 +1,5 @@
 """`jupyter ssh-spec` (install, convert, check, sync, build) and `make specs`: the real CLI in subprocesses, and
-real SSH hosts (tests/hostlab.py) whose private kernels directories make `sync` and `check` meaningful."""
+real SSH hosts (testlab/hostlab.py) whose private kernels directories make `sync` and `check` meaningful."""
 
 from __future__ import annotations
 
