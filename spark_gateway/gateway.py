@@ -20,9 +20,12 @@ from typing import Any
 from traitlets.config import SingletonConfigurable
 
 from . import callback, limits
+from .config import CallbackOptions
+from .errors import ProvisionerError
 from .health import Health
 from .hosts import Host
 from .placement import KERNEL_INVENTORY, HostReport, HostSelector, PlacementError
+from .protocol import format_address
 from .ssh import SshError, SshPool, SshSettings
 from .tunnel import CallbackForwards
 
@@ -141,6 +144,27 @@ class Gateway(SingletonConfigurable):
                 state.ports[bind] = await state.server.listen(bind, first, retries)
         return state.ports[bind]
 
+    async def response_address(self, host: Host, tunneled: bool, options: CallbackOptions) -> str:
+        """An address of ours that `host` can reach, with our callback server listening on it."""
+        first, retries = options.response_port, options.response_port_retries
+        if tunneled:  # a port on the host's loopback that the pooled connection forwards to our callback server
+            local = await self.listen("127.0.0.1", first, retries)
+            transport = await host.pool.call(host.transport)
+            return f"127.0.0.1:{await host.pool.call(self.callback_forwards.port, transport, local)}"
+        address = options.response_ip or await host.pool.call(host.gateway_address) or ""
+        if not address:
+            raise ProvisionerError(
+                500, f"cannot tell which address {host.entry} reaches this gateway at (ProxyJump?): set GP_RESPONSE_IP"
+            )
+        if address in options.prohibited_local_ips:
+            raise ProvisionerError(
+                500,
+                f"the gateway address {host.entry} would call back to ({address}) is in GP_PROHIBITED_LOCAL_IPS: "
+                "set GP_RESPONSE_IP to an address that host can reach",
+            )
+        bind = "0.0.0.0" if options.response_addr_any else address
+        return format_address(address, await self.listen(bind, first, retries))
+
     # -- what hosts run, shared by launches placed at about the same time --
     async def inventory(self, cluster: Cluster, entry: str, timeout: float) -> HostReport:
         state = await self.loop_state()
@@ -208,6 +232,26 @@ class Gateway(SingletonConfigurable):
 
         answers = await asyncio.gather(*(ask(h) for h in entries))
         return {h: r for h, r in zip(entries, answers, strict=True) if r is not None}
+
+    async def admit(
+        self, cluster: Cluster, kernel_id: str, username: str, entries: list[str], limit: int, timeout: float
+    ) -> None:
+        """max_kernels_per_user: count the user's kernels on every host (and this gateway's launches still
+        starting); PermissionError saying how many run and where when this start would pass `limit`."""
+        earlier = self.user_launches.begin(kernel_id, username)
+
+        async def inventory(entry: str) -> str:
+            if why := cluster.health.quarantined(entry):  # known down: not waited for again
+                raise SshError(why)
+            return (await (await cluster.host(entry)).arun(limits.USER_INVENTORY, timeout=timeout)).stdout
+
+        running, unknown = await limits.running_for(username, entries, inventory)
+        running = {h: [k for k in ids if k != kernel_id] for h, ids in running.items()}
+        starting = [k for k in earlier if not any(k in ids for ids in running.values())]
+        if message := limits.refusal(username, limit, running, starting):
+            raise PermissionError(message)
+        if unknown:
+            self.log.warning("kernels of %s not counted on hosts that did not answer: %s", username, "; ".join(unknown))
 
     # -- cleanups owed to hosts that could not be reached --
     async def ensure_reaper(self, cluster: Cluster, base: float, probe_timeout: float) -> None:

@@ -6,13 +6,14 @@ so "this machine without SSH" and "a host over the pooled connection" behave the
 
 from __future__ import annotations
 
+import getpass
 import subprocess
 from collections.abc import Iterator, Mapping
 
 import paramiko
 
 from .remote import LaunchHandle, LocalLaunch, SshLaunch
-from .ssh import CommandResult, SshError, SshPool, is_local, send_eof
+from .ssh import CommandResult, SshError, SshPool, is_local, resolve, send_eof
 
 
 class Host:
@@ -82,6 +83,10 @@ class Host:
     def gateway_address(self) -> str | None:
         """Our address as this host reaches it (None behind a ProxyJump, where it cannot be told)."""
         return "127.0.0.1" if self.local else self.pool.local_address(self.entry)
+
+    def login(self) -> str:
+        """The account commands run as there: the SSH login (ours when the host is this machine)."""
+        return getpass.getuser() if self.local else resolve(self.entry, self.pool.settings).user
 
     def address(self) -> str:
         """The address we reach this host's services (kernel ports, listener) at."""

@@ -9,7 +9,6 @@ script of `remote`, and talked to through its control listener (`control`).
 from __future__ import annotations
 
 import asyncio
-import getpass
 import re
 import secrets
 import shlex
@@ -21,7 +20,7 @@ import paramiko
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import KernelProvisionerBase
 
-from . import limits, tunnel, yarn
+from . import tunnel, yarn
 from .callback import public_key_b64
 from .config import GatewayOptions
 from .control import ControlError, ControlFailed, ControlRefused, control_request
@@ -30,12 +29,12 @@ from .gateway import HOST_ERRORS, Cluster, Gateway
 from .hosts import Host
 from .hostvalues import ReportRefused, as_user, check_report
 from .placement import PlacementError
-from .protocol import PORT_NAMES, format_address
+from .protocol import PORT_NAMES
 from .remote import LaunchHandle, launch_script
 from .request import LaunchRequest
 from .spark import spec_master
 from .sparkwatch import SparkWatch
-from .ssh import SshError, resolve
+from .ssh import SshError
 
 __all__ = ["DistributedProvisioner", "ProvisionerError"]
 
@@ -117,31 +116,20 @@ class DistributedProvisioner(GatewayOptions, KernelProvisionerBase):  # type: ig
         request = LaunchRequest.build(self.kernel_id, self.kernel_spec, kwargs.get("env") or {}, cmd, self)
         self.gateway.kernel_ids.add(self.kernel_id)
         try:
-            await self._admit(request.username)
+            if self.max_kernels_per_user > 0:
+                try:
+                    await self.gateway.admit(
+                        self.cluster, self.kernel_id, request.username, self.remote_hosts, self.max_kernels_per_user,
+                        timeout=self.ssh_connect_timeout + 5,
+                    )  # fmt: skip
+                except PermissionError as exc:
+                    raise ProvisionerError(403, str(exc)) from None
             return await self._start(request, cmd, kwargs)
         except BaseException:
             self.gateway.kernel_ids.discard(self.kernel_id)  # no kernel of this id runs (YARN reconciliation)
             raise
         finally:
-            self.gateway.user_launches.end(self.kernel_id)  # admitted by _admit: the hosts now show it, or not
-
-    async def _admit(self, username: str) -> None:
-        """Refuse (403) a start beyond max_kernels_per_user, counting the user's kernels on every host."""
-        if self.max_kernels_per_user <= 0:
-            return
-        earlier = self.gateway.user_launches.begin(self.kernel_id, username)
-
-        async def inventory(entry: str) -> str:
-            return (await self._run_on(entry, limits.USER_INVENTORY, timeout=self.ssh_connect_timeout + 5)).stdout
-
-        running, unknown = await limits.running_for(username, self.remote_hosts, inventory)
-        running = {h: [k for k in ids if k != self.kernel_id] for h, ids in running.items()}
-        starting = [k for k in earlier if not any(k in ids for ids in running.values())]
-        message = limits.refusal(username, self.max_kernels_per_user, running, starting)
-        if message:
-            raise ProvisionerError(403, message)
-        if unknown:
-            self.log.warning("kernels of %s not counted on hosts that did not answer: %s", username, "; ".join(unknown))
+            self.gateway.user_launches.end(self.kernel_id)  # admitted: the hosts now show it, or not
 
     async def _start(self, request: LaunchRequest, cmd: list[str], kwargs: dict[str, Any]) -> KernelConnectionInfo:
         """Place the kernel and start it, moving on to another host when one cannot be used at all."""
@@ -195,7 +183,7 @@ class DistributedProvisioner(GatewayOptions, KernelProvisionerBase):  # type: ig
         try:
             host = await self._host(entry)
             tunneled = self.enable_tunneling and not host.local
-            response_address = await self._response_address(host, tunneled)
+            response_address = await self.gateway.response_address(host, tunneled, self)
         except (SshError, paramiko.SSHException, EOFError, OSError) as exc:
             raise HostUnavailable(str(exc)) from None
         state = await self.gateway.loop_state()
@@ -207,7 +195,7 @@ class DistributedProvisioner(GatewayOptions, KernelProvisionerBase):  # type: ig
             "public_key": public_key_b64(await self.gateway.private_key()),
         }
         argv = [re.sub(r"\{(\w+)\}", lambda m: values.get(m[1], m[0]), arg) for arg in cmd]
-        log_dir = self.kernel_log_dir.rstrip("/") or f"/tmp/spark_gateway-{await self._ssh_user(host)}"
+        log_dir = self.kernel_log_dir.rstrip("/") or f"/tmp/spark_gateway-{await host.pool.call(host.login)}"
         self.log_file = f"{log_dir}/kernel-{self.kernel_id}.log"
         cwd = kwargs.get("cwd")
         workdir = request.working_dir or (str(cwd) if host.local and cwd else None)  # nbclient passes a Path
@@ -243,32 +231,6 @@ class DistributedProvisioner(GatewayOptions, KernelProvisionerBase):  # type: ig
             connection = await self._tunnel_ports(host, connection)
         await self.spark_watch.start(request.spark_mode)
         return connection
-
-    async def _ssh_user(self, host: Host) -> str:
-        """The account commands run as on `host`: the SSH login (ours when the host is this machine)."""
-        if host.local:
-            return getpass.getuser()
-        return (await host.pool.call(resolve, host.entry, host.pool.settings)).user
-
-    async def _response_address(self, host: Host, tunneled: bool) -> str:
-        """An address of ours that `host` can reach, with our callback server listening on it."""
-        if tunneled:  # a port on the host's loopback that the pooled connection forwards to our callback server
-            local = await self.gateway.listen("127.0.0.1", self.response_port, self.response_port_retries)
-            transport = await host.pool.call(host.transport)
-            return f"127.0.0.1:{await host.pool.call(self.gateway.callback_forwards.port, transport, local)}"
-        address = self.response_ip or await host.pool.call(host.gateway_address) or ""
-        if not address:
-            raise ProvisionerError(
-                500, f"cannot tell which address {host.entry} reaches this gateway at (ProxyJump?): set GP_RESPONSE_IP"
-            )
-        if address in self.prohibited_local_ips:
-            raise ProvisionerError(
-                500,
-                f"the gateway address {host.entry} would call back to ({address}) is in GP_PROHIBITED_LOCAL_IPS: "
-                "set GP_RESPONSE_IP to an address that host can reach",
-            )
-        bind = "0.0.0.0" if self.response_addr_any else address
-        return format_address(address, await self.gateway.listen(bind, self.response_port, self.response_port_retries))
 
     async def _await_callback(
         self, entry: str, handle: LaunchHandle, payload: asyncio.Future, server: Any
@@ -468,20 +430,9 @@ class DistributedProvisioner(GatewayOptions, KernelProvisionerBase):  # type: ig
         self.spark_watch.stop()
         self.gateway.kernel_ids.discard(self.kernel_id or "")
         if spec_master(str((self.kernel_spec.env or {}).get("SPARK_OPTS", ""))) == "yarn":
-            await self._reconcile_yarn()
+            await yarn.reconcile_for(self.kernel_spec.env or {}, set(self.gateway.kernel_ids), self.log)
         self._restart_host = entry if restart else None
         self.host = self.pid = self.pgid = self.listener = self.launched_pid = None
-
-    async def _reconcile_yarn(self) -> None:
-        """Kill the YARN applications of this gateway's kernels that are gone (this one included), see yarn.py."""
-        rm = yarn.resource_manager(self.kernel_spec.env or {}, getpass.getuser())
-        if rm is None:
-            return
-        try:
-            for app_id in await asyncio.to_thread(yarn.reconcile, rm, set(self.gateway.kernel_ids)):
-                self.log.info("killed YARN application %s: its kernel is gone (cleanup of %s)", app_id, self.kernel_id)
-        except yarn.YarnError as exc:
-            self.log.warning("kernel %s: cannot reconcile YARN applications: %s", self.kernel_id, exc)
 
     # ------------------------------------------------------------------ persistence
     async def get_provisioner_info(self) -> dict[str, Any]:

@@ -175,4 +175,3 @@ def spec_master(spark_opts: str) -> str | None:
     """The `--master` of a kernelspec's SPARK_OPTS template (None when it names none)."""
     m = MASTER_OPT.search(spark_opts)
     return m[1] if m else None
-

@@ -17,6 +17,7 @@ supported: there, reconciliation logs that it could not reach the RM and YARN's 
 
 from __future__ import annotations
 
+import asyncio
 import getpass
 import json
 import os
@@ -165,6 +166,18 @@ def reconcile(rm: ResourceManager, live_kernels: Iterable[str]) -> list[str]:
         rm.kill(app_id)
         killed.append(app_id)
     return killed
+
+
+async def reconcile_for(spec_env: Mapping[str, Any], live_kernels: Iterable[str], log: Any) -> None:
+    """On a YARN kernel's cleanup: kill this gateway's applications whose kernel is gone (that one included)."""
+    rm = resource_manager(spec_env, getpass.getuser())
+    if rm is None:
+        return
+    try:
+        for app_id in await asyncio.to_thread(reconcile, rm, live_kernels):
+            log.info("killed YARN application %s: its kernel is gone", app_id)
+    except YarnError as exc:
+        log.warning("cannot reconcile YARN applications: %s", exc)
 
 
 def resource_manager(spec_env: Mapping[str, Any], user: str = "") -> ResourceManager | None:
