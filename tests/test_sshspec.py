@@ -555,7 +555,10 @@ def test_sync_copies_to_hosts_that_lack_the_spec_then_skips_identical_ones(
     proc = on(gateway, "sync", "ssh_python", ssh, home=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for host in (one, two):
-        assert f"{host.name}: ssh_python: copying 5 files" in proc.stdout and "(missing there)" in proc.stdout
+        assert (
+            f"{host.name}: ssh_python: copying {len(PYTHON_FILES)} files" in proc.stdout
+            and "(missing there)" in proc.stdout
+        )
         assert remote_listing(host, f"{KERNELS}/ssh_python") == remote_listing(gateway, f"{KERNELS}/ssh_python")
     assert tables(proc.stdout)["ssh_python"] == {h.name: dict.fromkeys(CHECKS, "ok") | {"spark-submit": "n/a"}
                                                  for h in (one, two)}  # fmt: skip
@@ -579,7 +582,7 @@ def test_sync_replaces_stale_copies_and_reports_hosts_that_are_down(
     two.stop_sshd()
     proc = on(gateway, "sync", "ssh_python", ssh, home=tmp_path)
     assert proc.returncode == 1
-    assert f"{one.name}: ssh_python: copying 5 files" in proc.stdout
+    assert f"{one.name}: ssh_python: copying {len(PYTHON_FILES)} files" in proc.stdout
     assert "different content: kernel.json; only there: extra" in proc.stdout
     assert f"{two.name}: ssh_python: FAILED: cannot reach {two.name}" in proc.stdout
     assert "some hosts could not be brought up to date" in error_line(proc)
@@ -590,7 +593,8 @@ def test_sync_replaces_stale_copies_and_reports_hosts_that_are_down(
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"{one.name}: ssh_python: up to date" in proc.stdout
     assert (
-        f"{two.name}: ssh_python: copying 5 files" in proc.stdout and "(different content: kernel.json)" in proc.stdout
+        f"{two.name}: ssh_python: copying {len(PYTHON_FILES)} files" in proc.stdout
+        and "(different content: kernel.json)" in proc.stdout
     )
     assert remote_listing(two, f"{KERNELS}/ssh_python") == remote_listing(gateway, f"{KERNELS}/ssh_python")
 
