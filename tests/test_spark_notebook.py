@@ -225,6 +225,9 @@ def test_progress_switch_and_text_rendering() -> None:
                      "collect at x.py:2  http://h:4040/jobs/job/?id=4")  # fmt: skip
     assert stages == ["  stage 1: 4/4 tasks, 0 active, 0 failed  map at x.py:1",
                       "  stage 2: 3/8 tasks, 2 active, 1 failed  collect at x.py:2"]  # fmt: skip
+    job.status, job.stages[2] = "SUCCEEDED", nb.StageView(2, "collect at x.py:2", 8, 0, 0, 0, None)
+    assert job.tasks == (4, 4, 0, 0)  # a finished job's stage that never ran was skipped (its output reused)
+    job.stages[2] = nb.StageView(2, "collect at x.py:2", 8, 3, 2, 1, 95.0)
     job.status, job.ended = "FAILED", 103.0
     assert nb.render_text([job], None, 200.0, interrupted=True).startswith("Spark job 4 cancelled ")
     assert " 13.0 s " in nb.render_text([job], None, 200.0, interrupted=False)

@@ -58,8 +58,9 @@ class JobView:
 
     @property
     def tasks(self) -> tuple[int, int, int, int]:
-        """(done, total, active, failed) over the job's stages."""
-        views = self.stages.values()
+        """(done, total, active, failed) over the job's stages; a finished job's untouched stages were skipped (their
+        output was reused) and do not count."""
+        views = [s for s in self.stages.values() if self.status != "SUCCEEDED" or s.done or s.active or s.failed]
         return (sum(s.done for s in views), sum(s.total for s in views), sum(s.active for s in views),
                 sum(s.failed for s in views))  # fmt: skip
 
