@@ -34,6 +34,7 @@ from typing import Any
 from xml.sax.saxutils import escape
 
 from testlab.hostlab import HostLab, LabHost
+from testlab.spark_cluster import _children
 
 VERSION = "3.5.0"
 START_TIMEOUT = 120.0
@@ -67,21 +68,6 @@ def java_home() -> str:
 
 class YarnLabError(RuntimeError):
     """The YARN lab did not come up; the message has the daemons' log tails."""
-
-
-def _children(pid: int) -> list[int]:
-    parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-                parents.setdefault(ppid, []).append(int(entry))
-    found, stack = [], [pid]
-    while stack:
-        for child in parents.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
 
 
 @dataclass
