@@ -23,7 +23,7 @@ from jupyter_client.provisioning import KernelProvisionerBase
 from . import tunnel, yarn
 from .callback import public_key_b64
 from .config import GatewayOptions
-from .control import ControlError, ControlFailed, ControlRefused, control_request
+from .control import ControlChannel, ControlError, ControlFailed, ControlRefused
 from .errors import ProvisionerError
 from .gateway import HOST_ERRORS, Cluster, Gateway
 from .hosts import Host
@@ -37,6 +37,8 @@ from .sparkwatch import SparkWatch
 from .ssh import SshError
 
 __all__ = ["DistributedProvisioner", "ProvisionerError"]
+
+POLL_LEASE = 15.0  # seconds a kept control connection vouches for its kernel between real polls
 
 
 class HostUnavailable(Exception):
@@ -61,6 +63,7 @@ class DistributedProvisioner(GatewayOptions, KernelProvisionerBase):  # type: ig
     _exit_status: int | None = None
     _unreachable_since: float | None = None
     _tunnels: tunnel.Tunnels | None = None
+    _control: ControlChannel | None = None
     _cluster: tuple[Gateway, Cluster] | None = None
 
     def __init__(self, **kwargs: Any) -> None:
@@ -307,8 +310,22 @@ class DistributedProvisioner(GatewayOptions, KernelProvisionerBase):  # type: ig
         """One authenticated request to the kernel's control listener (raises ControlError)."""
         if self.listener is None:
             raise ControlError("no control listener is known for this kernel")
-        ip, port, secret = self.listener
-        return await control_request(ip, port, secret, op, args, timeout=timeout)
+        if self._control is None or self._control.address != self.listener:
+            self._close_control()
+            self._control = ControlChannel(*self.listener)
+        return await self._control.request(op, args, timeout=timeout)
+
+    def _control_vouches(self) -> bool:
+        """The kept control connection proves the kernel alive (ControlChannel.vouches); a real request goes
+        at least every POLL_LEASE seconds, and three times per orphan_timeout so the listener sees the polls."""
+        lease = min(POLL_LEASE, self.orphan_timeout / 3) if self.orphan_timeout > 0 else POLL_LEASE
+        channel = self._control
+        return channel is not None and channel.address == self.listener and channel.vouches(lease)
+
+    def _close_control(self) -> None:
+        if self._control is not None:
+            self._control.close()
+            self._control = None
 
     async def _signal_host(self, entry: str, signum: int, group: bool) -> bool:
         """Signal the kernel over SSH (or locally); True when the process (group) existed."""
@@ -330,7 +347,8 @@ class DistributedProvisioner(GatewayOptions, KernelProvisionerBase):  # type: ig
         if self.pid is None or self.host is None:
             return 0 if self._exit_status is None else self._exit_status
         try:
-            await self.control("poll", timeout=2.0)
+            if not self._control_vouches():
+                await self.control("poll", timeout=2.0)
             self._unreachable_since = None
             return None
         except ControlError:
@@ -432,6 +450,7 @@ class DistributedProvisioner(GatewayOptions, KernelProvisionerBase):  # type: ig
         if spec_master(str((self.kernel_spec.env or {}).get("SPARK_OPTS", ""))) == "yarn":
             await yarn.reconcile_for(self.kernel_spec.env or {}, set(self.gateway.kernel_ids), self.log)
         self._restart_host = entry if restart else None
+        self._close_control()
         self.host = self.pid = self.pgid = self.listener = self.launched_pid = None
 
     # ------------------------------------------------------------------ persistence

@@ -278,3 +278,28 @@ async def test_jupyter_execute_runs_a_notebook_on_a_remote_host(lab, kernels_dir
     assert proc.returncode == 0, err.decode()
     outputs = json.loads(path.read_text())["cells"][0]["outputs"]
     assert "".join(outputs[0]["text"]).strip() == f"ran on {target.hostname}"
+
+
+async def test_polls_ride_one_kept_connection_that_reports_the_kernel_s_death_at_once(lab, managers):
+    """Polls reuse one authenticated connection (a reply carries the next challenge), which proves the kernel
+    alive between real requests; the kernel's death closes it, so the next poll asks again and reports it."""
+    host = lab.hosts[2]
+    km = managers()
+    await km.start_kernel(env=env(KERNEL_REMOTE_HOST=host.name))
+    assert await km.is_alive()
+    channel = km.provisioner._control
+    kept = channel._connection
+    assert kept is not None and channel.vouches(60.0)
+    for _ in range(5):
+        assert await km.is_alive()
+    assert km.provisioner._control is channel and channel._connection is kept  # no new connection
+    pid = km.provisioner.pid
+    host.run(["kill", "-9", str(pid)])
+    assert wait_for(lambda: not any(p == pid for p, _ in kernel_processes(host, km.kernel_id)), 5)
+    for _ in range(20):  # the FIN is in: let the event loop read it
+        if not channel.vouches(60.0):
+            break
+        await asyncio.sleep(0.1)
+    assert not channel.vouches(60.0)  # well inside the lease, which alone would have vouched for 15 s
+    assert await km.provisioner.poll() is not None
+    await km.shutdown_kernel(now=True)

@@ -22,7 +22,7 @@ import pytest
 import pytest_asyncio
 
 from spark_gateway.callback import PayloadError, ResponseServer, decrypt_payload, generate_key_pair
-from spark_gateway.control import ControlError, ControlRefused, control_request
+from spark_gateway.control import ControlChannel, ControlError, ControlRefused, control_request
 from spark_gateway.protocol import MAX_MESSAGE, request_mac
 from tests.conftest import wait_for
 
@@ -349,6 +349,76 @@ async def test_unauthenticated_requests_are_logged_and_ignored(standalone: Stand
     assert wait_for(lambda: standalone.log.read_text().count("bad MAC") == 2, 5), standalone.log.read_text()
     assert standalone.logged("unknown op 'reboot'") and standalone.logged("bad JSON")
     silent[1].close()
+
+
+async def until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """`condition` became true within `timeout` seconds, the event loop running meanwhile."""
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return condition()
+
+
+@pytest.mark.asyncio
+async def test_a_kept_connection_takes_requests_each_signed_for_a_fresh_challenge(standalone: Standalone) -> None:
+    port, secret = standalone.info["listener_port"], bytes.fromhex(standalone.info["listener_secret"])
+
+    def poll(challenge: str) -> bytes:
+        mac = request_mac(secret, challenge, "poll", {})
+        return json.dumps({"op": "poll", "args": {}, "mac": mac}).encode() + b"\n"
+
+    reader, writer = await asyncio.open_connection(LOCAL, port)
+    try:
+        challenges = [json.loads(await reader.readline())["challenge"]]
+        for _ in range(3):
+            writer.write(poll(challenges[-1]))
+            reply = json.loads(await asyncio.wait_for(reader.readline(), 5))
+            assert reply["ok"] is True and reply["alive"] is True
+            challenges.append(reply["challenge"])
+        assert len(set(challenges)) == 4
+        writer.write(poll(challenges[-2]))  # a request replayed on the same connection: answered by its end
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+    finally:
+        writer.close()
+    assert wait_for(lambda: standalone.logged("bad MAC for op 'poll'"), 5)
+
+
+@pytest.mark.asyncio
+async def test_a_control_channel_keeps_one_connection_and_stops_vouching_when_its_listener_ends(
+    standalone: Standalone,
+) -> None:
+    channel = ControlChannel(LOCAL, standalone.info["listener_port"], standalone.info["listener_secret"])
+    assert await channel.request("poll") == {"ok": True, "alive": True}  # the challenge is the channel's own
+    kept = channel._connection
+    assert kept is not None and channel.vouches(60.0)
+    for _ in range(3):
+        await channel.request("poll")
+    assert channel._connection is kept
+    standalone.target.kill()  # the listener exits with its kernel, closing the kept connection
+    await asyncio.to_thread(standalone.listener.wait, 10)
+    assert await until(lambda: not channel.vouches(60.0))
+    with pytest.raises(ControlError, match="op 'poll'"):
+        await channel.request("poll", timeout=2)
+    channel.close()
+
+
+@pytest.mark.asyncio
+async def test_only_max_kept_connections_stay_open_and_one_shot_clients_still_work() -> None:
+    listener = sg_control.ControlListener(os.getpid(), os.getpgid(0), ip=LOCAL, max_kept=1)
+    listener.start()
+    try:
+        first, second = (ControlChannel(LOCAL, listener.port, listener.secret_hex) for _ in range(2))
+        await first.request("poll")
+        await second.request("poll")
+        assert first._connection is not None and second._connection is None  # no place left: closed after
+        first.close()
+        assert await until(lambda: listener._kept == 0)
+        await second.request("poll")
+        assert second._connection is not None  # the place was given back
+        assert await control_request(LOCAL, listener.port, listener.secret_hex, "poll") == {"ok": True, "alive": True}
+        second.close()
+    finally:
+        listener.stop()
 
 
 @pytest.mark.asyncio

@@ -26,6 +26,7 @@ log = logging.getLogger("server_listener")
 MAX_MESSAGE = protocol.MAX_MESSAGE
 INFO_MAX_WAIT = protocol.INFO_MAX_WAIT
 SHUTDOWN_GRACE = 1.0
+KEEP_IDLE = 60.0  # seconds a kept (authenticated) connection may wait for its next request
 ORPHAN_TIMEOUT_DEFAULT = 1800.0  # seconds without an authenticated request before the kernel ends itself
 
 
@@ -87,6 +88,7 @@ class ControlListener:
         info: Callable[[float], dict[str, Any]] | None = None,
         first_line_timeout: float = 5.0,
         max_per_peer: int = 4,
+        max_kept: int = 4,
         interrupt_signal: int | None = None,
         interrupt_guard: Callable[[], str | None] | None = None,
         orphan_timeout: float | None = None,
@@ -107,8 +109,11 @@ class ControlListener:
         # waiting for its request line, so silent connections can never keep the gateway's request out.
         self.first_line_timeout = min(first_line_timeout, timeout)
         self.max_connections, self.max_per_peer = max_connections, max_per_peer
+        # After an authenticated request, up to max_kept connections stay open for the next one (the gateway's
+        # polls); their reply carries the next challenge. They hold their slot: no newcomer evicts them.
+        self.max_kept = max_kept
         self._lock = threading.Lock()
-        self._active = 0
+        self._active = self._kept = 0
         self._waiting: list[tuple[str, socket.socket]] = []  # (peer address, connection), oldest first
         self._sock = _socket_for(ip)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -167,6 +172,7 @@ class ControlListener:
 
     def _handle(self, conn: socket.socket, peer: Any) -> None:
         after: Callable[[], None] | None = None
+        kept = False
         try:
             with conn:
                 challenge = secrets.token_hex(16)
@@ -174,10 +180,21 @@ class ControlListener:
                 conn.sendall(json.dumps({"challenge": challenge}).encode() + b"\n")
                 line = protocol.recv_line(conn, time.monotonic() + self.first_line_timeout, MAX_MESSAGE)
                 self._heard(conn)
-                op, args = self._authenticate(challenge, line)
-                self.orphans.seen()
-                reply, after = self._dispatch(op, args)
-                conn.sendall(json.dumps(reply).encode() + b"\n")
+                while True:
+                    op, args = self._authenticate(challenge, line)
+                    self.orphans.seen()
+                    reply, after = self._dispatch(op, args)
+                    kept = kept or (after is None and self._keep())
+                    challenge = secrets.token_hex(16) if kept and after is None else ""
+                    conn.sendall(json.dumps({**reply, "challenge": challenge} if challenge else reply).encode() + b"\n")
+                    if not challenge:
+                        break
+                    try:
+                        line = protocol.recv_line(conn, time.monotonic() + KEEP_IDLE, MAX_MESSAGE)
+                    except (OSError, ValueError):
+                        break  # idle too long, or gone
+                    if not line:
+                        break  # the client closed it
             if after:
                 after()
         except _Ignored as exc:
@@ -188,6 +205,15 @@ class ControlListener:
             self._heard(conn)
             with self._lock:
                 self._active -= 1
+                self._kept -= kept
+
+    def _keep(self) -> bool:
+        """Take one of the max_kept places for an authenticated connection; False when all are taken."""
+        with self._lock:
+            if self._kept >= self.max_kept:
+                return False
+            self._kept += 1
+            return True
 
     def _authenticate(self, challenge: str, line: bytes) -> tuple[str, dict[str, Any]]:
         try:
