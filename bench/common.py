@@ -62,7 +62,7 @@ async def until_ready(km: AsyncKernelManager, env: dict[str, str], timeout: floa
     started = time.perf_counter()
     await km.start_kernel(env=env)
     kc = km.client()
-    kc.start_channels()
+    kc.start_channels(hb=False)  # a REQ socket with no kernel behind it blocks stop_channels() forever
     # jupyter_client's kernel_info send can block the whole loop when a kernel never comes up (seen with
     # 24 LocalProvisioner kernels at once on 2 cores): bound it so such a kernel counts as failed
     kc.shell_channel.socket.setsockopt(zmq.SNDTIMEO, int(timeout * 1000))

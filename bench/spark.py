@@ -78,7 +78,7 @@ async def interrupt_latencies(km: AsyncKernelManager, host: LabHost, runs: int) 
     """(job cancelled, reply received) seconds after each interrupt of a cell running a Spark job."""
     await km.start_kernel(env=ENV)
     kc = km.client()
-    kc.start_channels()
+    kc.start_channels(hb=False)
     await kc.wait_for_ready(timeout=120)
     spark = km.provisioner.spark
     port = spark["ui_url"].rsplit(":", 1)[1]
@@ -128,7 +128,7 @@ async def progress_costs(km: AsyncKernelManager, runs: int) -> tuple[dict[str, l
     """Cell seconds of the 200-task job per setting (alternating), and kernel CPU seconds while idle per setting."""
     await km.start_kernel(env=ENV)
     kc = km.client()
-    kc.start_channels()
+    kc.start_channels(hb=False)
     await kc.wait_for_ready(timeout=120)
     cells: dict[str, list[float]] = {"on": [], "off": []}
     idle: dict[str, float] = {}

@@ -124,7 +124,7 @@ def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
 async def execute(km: AsyncKernelManager, code: str, timeout: float = 60) -> tuple[str, dict]:
     """Run `code` in the kernel; returns (stdout text, execute_reply content)."""
     kc = km.client()
-    kc.start_channels()
+    kc.start_channels(hb=False)  # a REQ socket with no kernel behind it blocks stop_channels() forever
     try:
         await kc.wait_for_ready(timeout=60)
         out: list[str] = []
