@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import collections
+import contextlib
 import importlib
 import importlib.util
 import logging
@@ -506,6 +507,19 @@ def main(argv: list[str] | None = None) -> None:
             spark.start()  # after the kernel's own start-up, so the JVM does not compete with it
     app.start()
     log.info("kernel stopped")
+    exit_now()
+
+
+def exit_now() -> None:
+    """Exit once the kernel stopped: the atexit work runs (connection file, SparkSession, IPython's history), the
+    interpreter's own teardown (~0.3-0.8 s of unloading modules, more on a busy host) is skipped, so the kernel's
+    process is gone within a few tens of ms of its shutdown reply and a mass shutdown frees its hosts sooner."""
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        with contextlib.suppress(Exception):  # closed or replaced streams: nothing left to flush
+            stream.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
