@@ -497,8 +497,21 @@ class DistributedProvisioner(GatewayOptions, KernelProvisionerBase):  # type: ig
         self.skipped = provisioner_info.get("skipped", [])
         self.remote_ports = provisioner_info.get("remote_ports")
         self.launched_pid, self.run_user = provisioner_info.get("launched_pid"), provisioner_info.get("run_user")
+        if self._tunnels is not None:  # a previous attempt's forwards
+            self._tunnels.close()
+            self._tunnels = None
         if self.remote_ports and self.host:  # tunnelled: the old gateway's local ports died with it
             await self._tunnel_ports(await self._host(self.host), self.connection_info)
+
+    async def probe(self) -> str:
+        """Called by whoever restores kernel sessions, after load_provisioner_info(): "alive", "gone", or
+        "unreachable" (neither the listener nor the host answers)."""
+        try:
+            await self.control("poll", timeout=3.0)
+            return "alive"
+        except ControlError:
+            alive = await self._alive_on_host(self.host or "")
+        return "unreachable" if alive is None else "alive" if alive else "gone"
 
     def get_stable_start_time(self, recommended: float = 10.0) -> float:
         """Called by the restarter: a kernel is stable once it has lived this long (at least launch_timeout)."""

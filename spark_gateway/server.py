@@ -30,7 +30,6 @@ from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelMana
 from jupyter_server.utils import ApiPath
 from traitlets import Bool, Type, Unicode, default
 
-from .control import ControlError
 from .provisioner import DistributedProvisioner
 from .ssh import SshError
 
@@ -244,9 +243,6 @@ class DistributedMappingKernelManager(AsyncMappingKernelManager):
         info = record.get("provisioner_info") or {}
         deadline = time.monotonic() + provisioner.unreachable_grace
         while True:
-            if provisioner._tunnels is not None:  # a previous attempt's forwards
-                provisioner._tunnels.close()
-                provisioner._tunnels = None
             state = await self._reattach(provisioner, info)
             if state != "unreachable" or time.monotonic() >= deadline:
                 break
@@ -268,13 +264,7 @@ class DistributedMappingKernelManager(AsyncMappingKernelManager):
         except (SshError, paramiko.SSHException, OSError, EOFError, asyncio.TimeoutError) as exc:
             self.log.info("kernel %s: host %s not reachable yet (%s)", provisioner.kernel_id, info.get("host"), exc)
             return "unreachable"
-        try:
-            await provisioner.control("poll", timeout=3.0)
-            return "alive"
-        except ControlError:
-            pass
-        alive = await provisioner._alive_on_host(provisioner.host or "")
-        return "unreachable" if alive is None else "alive" if alive else "gone"
+        return await provisioner.probe()
 
     async def _adopt(self, km: Any, provisioner: DistributedProvisioner) -> None:
         kernel_id = km.kernel_id
