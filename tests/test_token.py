@@ -10,9 +10,11 @@ the callback was accepted.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -25,10 +27,14 @@ import pytest
 from spark_gateway.callback import ResponseServer
 from testlab.gateway import write_spec
 from testlab.lab_accounts import Accounts
+from tests import test_scala_kernel as scala
+from tests import test_security as security
 from tests.conftest import env, execute, kernel_processes
-from tests.test_security import accounts, as_gateway, start  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.asyncio
+# fixtures of the modules that own them
+accounts, as_gateway = security.accounts, security.as_gateway
+cluster35, scala_specs = scala.cluster35, scala.scala_specs
 
 PROBE = """
 import json, os, time
@@ -70,22 +76,27 @@ with open(OUT, "a") as f:
 
 @pytest.fixture
 def tokens(monkeypatch: pytest.MonkeyPatch) -> dict[str, dict[str, Any]]:
-    """Kernel id -> the token the gateway's callback server expects, and when it accepted the callback."""
+    """Kernel id -> the token the gateway's callback server expects, and when it accepted the callback (recorded
+    before its reply goes out, so before the launcher can go on)."""
     seen: dict[str, dict[str, Any]] = {}
-    register = ResponseServer.register
+    register, accept = ResponseServer.register, ResponseServer._accept
 
-    def spy(self: ResponseServer, kernel_id: str, launch_token: str) -> Any:
-        future = register(self, kernel_id, launch_token)
-        entry = seen[kernel_id] = {"token": launch_token}
-        future.add_done_callback(lambda f: entry.setdefault("accepted", time.time()))
-        return future
+    def spy_register(self: ResponseServer, kernel_id: str, launch_token: str) -> Any:
+        seen[kernel_id] = {"token": launch_token}
+        return register(self, kernel_id, launch_token)
 
-    monkeypatch.setattr(ResponseServer, "register", spy)
+    async def spy_accept(self: ResponseServer, raw: bytes) -> str:
+        kernel_id = await accept(self, raw)
+        seen[kernel_id]["accepted"] = time.time()
+        return kernel_id
+
+    monkeypatch.setattr(ResponseServer, "register", spy_register)
+    monkeypatch.setattr(ResponseServer, "_accept", spy_accept)
     return seen
 
 
 @pytest.fixture
-def user_site_python(accounts: Accounts) -> Iterator[str]:  # noqa: F811
+def user_site_python(accounts: Accounts) -> Iterator[str]:
     """A kernel Python whose user site dir is active (a venv with system site-packages, ours on its path), as a
     system or conda Python is: the user's `.pth` files run at start-up unless the launcher is started with -s."""
     venv = accounts.base / "usersite-python"
@@ -99,7 +110,7 @@ def user_site_python(accounts: Accounts) -> Iterator[str]:  # noqa: F811
     yield str(venv / "bin" / "python")
 
 
-def plant(accounts: Accounts, user: str, python: str) -> Path:  # noqa: F811
+def plant(accounts: Accounts, user: str, python: str) -> Path:
     """The user's `.pth` file and IPython startup file, both running the probe; returns the probe's output file."""
     home = accounts.home(user)
     out = home / "probe.jsonl"
@@ -122,16 +133,9 @@ def plant(accounts: Accounts, user: str, python: str) -> Path:  # noqa: F811
 def readable_everywhere(pids: list[int]) -> str:
     """What root reads of `pids`' environments, and every command line on this machine."""
     texts = []
-    for pid in pids:
-        try:
-            texts.append(Path(f"/proc/{pid}/environ").read_bytes().decode("latin-1"))
-        except OSError:
-            pass
-    for path in glob.glob("/proc/[0-9]*/cmdline"):
-        try:
+    for path in [f"/proc/{pid}/environ" for pid in pids] + glob.glob("/proc/[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
             texts.append(Path(path).read_bytes().decode("latin-1"))
-        except OSError:
-            pass
     return "\n".join(texts)
 
 
@@ -153,7 +157,10 @@ def in_memory(pid: int, needle: bytes) -> bool:
 
 
 async def test_user_code_runs_after_the_callback_and_never_sees_the_token(
-    accounts, as_gateway, tokens, user_site_python  # noqa: F811
+    accounts,
+    as_gateway,
+    tokens,
+    user_site_python,
 ):
     """alice's `.pth` file and IPython startup file run only once the gateway accepted the callback, and find the
     token nowhere: not in the environment, /proc/self/environ, ancestors', children's, command lines, stdin; nor is
@@ -163,7 +170,7 @@ async def test_user_code_runs_after_the_callback_and_never_sees_the_token(
     write_spec(kernels / "usersite_python", python=user_site_python)
     subprocess.run(["chmod", "-R", "a+rX", str(kernels / "usersite_python")], check=True)
     km = as_gateway("usersite_python")
-    await start(km, accounts, "alice")
+    await security.start(km, accounts, "alice")
     expected = tokens[km.kernel_id]
     token = expected["token"]
     assert re.fullmatch(r"[0-9a-f]{64}", token) and "accepted" in expected
@@ -180,25 +187,42 @@ async def test_user_code_runs_after_the_callback_and_never_sees_the_token(
         assert record["cmdlines"] and record["ancestors"], "the probe read nothing"
 
     pids = [pid for pid, _ in accounts.host.processes()]
-    assert pids and token not in readable_everywhere(pids)
+    leaked = token in readable_everywhere(pids)
+    assert pids and not leaked, "the launch token is in an environment or command line on the host"
     kernel = [pid for pid, cmd in kernel_processes(accounts.host, km.kernel_id) if "sudo" not in cmd.split()[0]]
     assert kernel
     for pid in kernel:
         assert not in_memory(pid, token.encode()), f"the token is still in the memory of kernel process {pid}"
 
 
-async def test_r_and_scala_kernels_never_hold_the_token_in_an_environment(lab, managers, kernels_dir, tokens):
-    """R (IRkernel + server_listener.py) and the R launcher's listener: the token is in no environment or argv."""
+async def test_an_r_kernel_never_holds_the_token_in_an_environment(lab, managers, kernels_dir, tokens):
+    """R (IRkernel) and its server_listener.py: the token is in no environment nor argv on the host (the listener
+    reads it from the stdin R passes on; R never reads it)."""
     from tests.test_r_kernel import install_r_spec
 
-    if not Path("/usr/bin/Rscript").exists():
-        pytest.skip("Rscript is not installed")
+    if not shutil.which("Rscript"):
+        pytest.skip("Rscript is not installed: `make system-deps` installs r-base-core and r-cran-irkernel")
     host = lab.hosts[1]
     km = managers(install_r_spec(kernels_dir, "token_r"))
     await km.start_kernel(env=env(KERNEL_REMOTE_HOST=host.name))
     token = tokens[km.kernel_id]["token"]
-    processes = kernel_processes(host, km.kernel_id)
-    assert len(processes) == 2  # R and its listener
-    assert token not in readable_everywhere([pid for pid, _ in host.processes()])
+    assert len(kernel_processes(host, km.kernel_id)) == 2  # R and its listener
+    leaked = token in readable_everywhere([pid for pid, _ in host.processes()])
+    assert not leaked, "the launch token is in an environment or command line on the host"
     text, reply = await execute(km, 'cat(nzchar(Sys.getenv("GP_LAUNCH_TOKEN")))')
     assert reply["status"] == "ok" and text == "FALSE"
+
+
+@scala.needs_spark35
+async def test_a_scala_kernel_never_holds_the_token_in_an_environment(lab, managers, scala_specs, tokens):
+    """Toree's JVM, spark-submit's and the launcher's shells, and the listener: the token is in no environment nor
+    argv on the host."""
+    host = lab.hosts[1]
+    km = managers("ssh_scala_lazy")
+    await km.start_kernel(env=env(KERNEL_REMOTE_HOST=host.name))
+    token = tokens[km.kernel_id]["token"]
+    processes = kernel_processes(host, km.kernel_id)
+    assert any("server_listener.py" in cmd for _, cmd in processes)
+    assert any("org.apache.toree.Main" in cmd for _, cmd in processes)
+    leaked = token in readable_everywhere([pid for pid, _ in host.processes()])
+    assert not leaked, "the launch token is in an environment or command line on the host"
