@@ -95,7 +95,7 @@ def tokens(monkeypatch: pytest.MonkeyPatch) -> dict[str, dict[str, Any]]:
     return seen
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def user_site_python(accounts: Accounts) -> Iterator[str]:
     """A kernel Python whose user site dir is active (a venv with system site-packages, ours on its path), as a
     system or conda Python is: the user's `.pth` files run at start-up unless the launcher is started with -s."""
@@ -226,3 +226,26 @@ async def test_a_scala_kernel_never_holds_the_token_in_an_environment(lab, manag
     assert any("org.apache.toree.Main" in cmd for _, cmd in processes)
     leaked = token in readable_everywhere([pid for pid, _ in host.processes()])
     assert not leaked, "the launch token is in an environment or command line on the host"
+
+
+async def test_a_launcher_started_without_dash_s_says_so(accounts, as_gateway, user_site_python):
+    """A hand-written spec that starts the launcher without `python -s` still works, and its log says that the user's
+    site dir ran before the callback and how to fix it (there, `plant`'s probe would have taken the token from
+    stdin: the launch fails with "no launch token on stdin")."""
+    version = subprocess.run([user_site_python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                             check=True, capture_output=True, text=True).stdout.strip()  # fmt: skip
+    site = accounts.home("bob") / ".local" / "lib" / f"python{version}" / "site-packages"
+    site.mkdir(parents=True, exist_ok=True)
+    (site / "harmless.pth").write_text("# nothing\n")
+    subprocess.run(["chown", "-R", f"{accounts.uids['bob']}:{accounts.uids['bob']}", str(accounts.home("bob"))])
+    spec = write_spec(accounts.base / "kernels" / "no_dash_s", python=user_site_python)
+    data = json.loads((spec / "kernel.json").read_text())
+    data["argv"].remove("-s")
+    (spec / "kernel.json").write_text(json.dumps(data))
+    subprocess.run(["chmod", "-R", "a+rX", str(spec)], check=True)
+    km = as_gateway("no_dash_s")
+    await security.start(km, accounts, "bob")
+    text, reply = await execute(km, "print(6 * 7)")
+    assert reply["status"] == "ok" and text.strip() == "42"
+    log = Path(km.provisioner.log_file).read_text()
+    assert "is started without -s, so the user's site dir" in log and "start it with `python -s`" in log
