@@ -155,7 +155,11 @@ async def test_r_launcher_refuses_to_start_without_a_launch_token(tmp_path):
     script = Path(specs.data_dir("kernel-launchers")) / "R" / "scripts" / "launch_IRkernel.R"
     args = ["--kernel-id", "k1", "--response-address", "127.0.0.1:1", "--public-key", "AAAA"]
     proc = await asyncio.create_subprocess_exec(
-        shutil.which("Rscript"), str(script), *args, stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        shutil.which("Rscript"),
+        str(script),
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
         env={"PATH": "/usr/bin:/bin"},
     )
     _, err = await asyncio.wait_for(proc.communicate(), 30)
