@@ -460,8 +460,8 @@ def warn_if_user_site_ran() -> None:
 def enable_user_site() -> None:
     """Add the user's site dir that `python -s` held back (its .pth files, usercustomize), now that the callback
     is sent, where Python would have put it: before the installation's own site-packages."""
-    if not sys.flags.no_user_site or os.environ.get("PYTHONNOUSERSITE") or site.ENABLE_USER_SITE:
-        return  # nothing held back (or already active), or the operator's choice
+    if not sys.flags.no_user_site or sys.flags.no_site or os.environ.get("PYTHONNOUSERSITE") or site.ENABLE_USER_SITE:
+        return  # nothing held back (or already active), or the operator's choice (-S, PYTHONNOUSERSITE)
     if os.getuid() != os.geteuid() or os.getgid() != os.getegid() or not _venv_allows_user_site():
         return  # Python itself would not enable it
     site.ENABLE_USER_SITE = True
