@@ -202,13 +202,13 @@ class DistributedProvisioner(GatewayOptions, KernelProvisionerBase):  # type: ig
         self.log_file = f"{log_dir}/kernel-{self.kernel_id}.log"
         cwd = kwargs.get("cwd")
         workdir = request.working_dir or (str(cwd) if host.local and cwd else None)  # nbclient passes a Path
-        exports = dict(request.exports, GP_LAUNCH_TOKEN=token, GP_KERNEL_LOG_DIR=shlex.quote(log_dir))
+        exports = dict(request.exports, GP_KERNEL_LOG_DIR=shlex.quote(log_dir))
         exports["GP_ORPHAN_TIMEOUT"] = shlex.quote(f"{max(0.0, self.orphan_timeout):g}")
         if tunneled:
             exports["GP_KERNEL_IP"] = "127.0.0.1"  # reachable only through the tunnel
         self.run_user = request.run_as
         script = launch_script(
-            argv, exports, self.log_file, workdir, self.run_user, private_log_dir=not self.kernel_log_dir
+            argv, exports, self.log_file, workdir, self.run_user, private_log_dir=not self.kernel_log_dir, token=token
         )
         payload = state.server.register(self.kernel_id, token)
         started = time.monotonic()

@@ -24,6 +24,8 @@ _REFERENCE = re.compile(
     r"\$(?:\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}|(?P<plain>[A-Za-z_][A-Za-z0-9_]*))"
 )
 SHELL = "/bin/sh -s"
+TOKEN = re.compile(r"[0-9a-f]{64}\Z")
+HEREDOC_END = "SG_LAUNCH_TOKEN_END"  # the here-document delimiter
 TAIL_LINES = 30
 
 
@@ -68,12 +70,14 @@ def launch_script(
     workdir: str | None = None,
     run_as: str | None = None,
     private_log_dir: bool = False,
+    token: str | None = None,
 ) -> str:
     """The script that starts the kernel detached (own session) and reports its pid, exit status and log tail.
 
     `exports` maps names to shell words (already quoted, see `spec_value`); `run_as` runs the kernel under
     `sudo -u` with that environment. The log is never opened through a symlink or another user's file (see
-    `log_lines`); with `private_log_dir` its directory must be ours and is made 0700.
+    `log_lines`); with `private_log_dir` its directory must be ours and is made 0700. The launch `token` goes to
+    the kernel's stdin (`token_stdin`), never into an environment or argv.
     """
     lines = [f"export {name}={word}" for name, word in exports.items()]
     if workdir:
@@ -84,8 +88,10 @@ def launch_script(
         keep = ",".join(exports)
         command = f"sudo -n -u {shlex.quote(run_as)} --preserve-env={shlex.quote(keep)} -- {command}"
     lines += log_lines(log_file, private_log_dir)
+    stdin = token_stdin(token)
     lines += [
-        f"setsid {command} < /dev/null >&3 2>&3 3>&- &",
+        f"setsid {command} {stdin[0]} >&3 2>&3 3>&- &",
+        *stdin[1:],
         "exec 3>&-",
         "pid=$!",
         'echo "pid $pid"',
@@ -94,6 +100,19 @@ def launch_script(
         f"tail -n {TAIL_LINES} {log}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def token_stdin(token: str | None) -> list[str]:
+    """The kernel's stdin redirection, and the here-document lines after the command when it carries `token`.
+
+    The script itself travels on the launch shell's stdin, so the token is in no process's environment or argv
+    on the way (`sudo` passes stdin through untouched); the launcher reads it first thing (`sg_callback`).
+    """
+    if token is None:
+        return ["< /dev/null"]
+    if not TOKEN.match(token):
+        raise LaunchScriptError("the launch token must be 64 lowercase hex digits")
+    return [f"<<'{HEREDOC_END}'", token, HEREDOC_END]
 
 
 def log_lines(log_file: str, private_dir: bool) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 import shlex
 import subprocess
 import sys
@@ -107,3 +108,23 @@ def test_host_list_parsing():
     assert parse_hosts(" a, b:2200 ,,c ") == ["a", "b:2200", "c"]
     with pytest.raises(ValueError):
         parse_hosts(["a b"])
+
+
+def test_the_launch_token_reaches_only_the_kernels_stdin(tmp_path):
+    """Through a real /bin/sh: the kernel reads the token on its stdin, and it is in no environment or argv."""
+    token = secrets.token_hex(32)
+    log = tmp_path / "kernel.log"
+    read = "import os, json, sys; json.dump([sys.stdin.read(), dict(os.environ), sys.argv], sys.stdout)"
+    script = launch_script([sys.executable, "-c", read], {"KERNEL_X": "x"}, str(log), token=token)
+    assert [line for line in script.splitlines() if token in line] == [token]  # the here-document's one line
+    done = subprocess.run(["/bin/sh", "-s"], input=script, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    stdin, environ, argv = json.loads(log.read_text())
+    assert stdin == f"{token}\n"
+    assert token not in json.dumps([environ, argv]) and environ["KERNEL_X"] == "x"
+
+
+@pytest.mark.parametrize("token", ["", "ABC", "0" * 63, "0" * 64 + "\nSG_LAUNCH_TOKEN_END\ntouch /tmp/x", "g" * 64])
+def test_a_malformed_launch_token_is_refused(token):
+    with pytest.raises(LaunchScriptError, match="64 lowercase hex digits"):
+        launch_script(["true"], {}, "/tmp/kernel.log", token=token)

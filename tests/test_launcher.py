@@ -47,12 +47,15 @@ class Launcher:
     def start(self, kernel_id: str, *extra: str, token: str | None = None) -> subprocess.Popen[bytes]:
         env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}  # ipykernel treats pytest specially
         env.update(GP_KERNEL_RUNTIME_DIR=str(self.tmp / "runtime"), GP_KERNEL_LOG_DIR=str(self.tmp))
-        if token is not None:
-            env["GP_LAUNCH_TOKEN"] = token
         argv = [sys.executable, str(self.scripts / "launch_ipykernel.py"), "--kernel-id", kernel_id, "--ip", LOCAL]
         argv += ["--response-address", f"{LOCAL}:{self.port}", "--public-key", self.server.public_key_b64, *extra]
         with self.log(kernel_id).open("wb") as out:
-            proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                argv, env=env, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        assert proc.stdin
+        proc.stdin.write(f"{token}\n".encode() if token is not None else b"")  # as the launch shell hands it over
+        proc.stdin.close()
         self.procs.append(proc)
         return proc
 
@@ -214,7 +217,7 @@ async def test_eager_spark_failure_exits_before_calling_back(launcher: Launcher,
 async def test_missing_token_exits_2(launcher: Launcher) -> None:
     proc = launcher.start("k5")
     assert await wait_exit(proc, 15) == 2
-    assert "GP_LAUNCH_TOKEN is not set" in launcher.log("k5").read_text()
+    assert "error: no launch token on stdin" in launcher.log("k5").read_text()
 
 
 @pytest.mark.asyncio

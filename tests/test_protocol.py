@@ -238,7 +238,10 @@ async def start_standalone(
     argv += ["--response-address", f"{LOCAL}:{port}", "--public-key", srv.public_key_b64, "--ip", LOCAL]
     argv += ["--port-range", "0..0", "--connection-file", str(tmp_path / "kernel-ks.json"), "--pid", str(target.pid)]
     with log.open("wb") as out:
-        listener = subprocess.Popen([*argv, *extra], env={**os.environ, "GP_LAUNCH_TOKEN": token}, stderr=out)
+        listener = subprocess.Popen([*argv, *extra], stdin=subprocess.PIPE, stderr=out)
+    assert listener.stdin
+    listener.stdin.write(f"{token}\n".encode())  # where the launch shell's here-document puts it
+    listener.stdin.close()
     proc = Standalone(target, listener, log)
     try:
         proc.info = await asyncio.wait_for(future, 15)

@@ -218,7 +218,7 @@ kernel_id, address, key = sys.argv[1:4]
 pid, pgid, path = int(os.environ["SG_FORGED_PID"]), int(os.environ["SG_FORGED_PGID"]), os.environ["SG_FORGED_FILE"]
 ports = dict(shell_port=1, iopub_port=1, stdin_port=1, control_port=1, hb_port=1)
 info = dict(ports, ip="0.0.0.0", key="k", transport="tcp", signature_scheme="hmac-sha256", kernel_name="")
-sl.send_connection_info(address, key, kernel_id, os.environ["GP_LAUNCH_TOKEN"], dict(
+sl.send_connection_info(address, key, kernel_id, sl.take_launch_token().decode(), dict(
     connection_info=info, pid=pid, pgid=pgid, hostname="forged", listener_port=1, listener_secret="00" * 32,
     connection_file=path, log_file=None))
 time.sleep(600)

@@ -124,7 +124,7 @@ def test_install_writes_the_seed_layout_with_an_absolute_interpreter(tmp_path: P
     spec = kernel_json(spec_dir)
     assert spec["argv"][0] == PY and os.path.isabs(PY) and os.access(PY, os.X_OK)
     assert spec["argv"][1:] == [
-        f"{spec_dir}/scripts/launch_ipykernel.py",
+        "-s", f"{spec_dir}/scripts/launch_ipykernel.py",
         "--kernel-id", "{kernel_id}", "--port-range", "{port_range}", "--response-address", "{response_address}",
         "--public-key", "{public_key}", "--kernel-class-name", "ipykernel.ipkernel.IPythonKernel",
     ]  # fmt: skip

@@ -96,18 +96,18 @@ process_running <- function(pid) {
   length(stat) == 1 && nzchar(stat) && !grepl("^[0-9]+ \\(.*\\) Z ", stat)
 }
 
-start_listener <- function(opts, connection_file, info_file, token) {
+start_listener <- function(opts, connection_file, info_file) {
   args <- c(listener_script(), "--kernel-id", opts[["kernel-id"]], "--response-address", opts[["response-address"]],
             "--public-key", opts[["public-key"]], "--port-range", opts[["port-range"]],
             "--connection-file", connection_file, "--pid", Sys.getpid())
   if (!is.null(opts[["ip"]])) args <- c(args, "--ip", opts[["ip"]])
   if (!is.null(info_file)) args <- c(args, "--info-file", info_file)
   # system2() runs a shell command line: every word is quoted (shQuote), none is interpreted. The shell starts
-  # the listener in the background (stdout to our stderr, the kernel log) and prints its pid.
-  Sys.setenv(GP_LAUNCH_TOKEN = token)  # the listener reads it from its environment; never in any argv
-  pid <- system2("/bin/sh", c("-c", shQuote('"$@" </dev/null >&2 & echo $!'), "sh",
-                              shQuote(listener_python()), shQuote(args)), stdout = TRUE)
-  Sys.unsetenv("GP_LAUNCH_TOKEN")
+  # the listener in the background (stdout to our stderr, the kernel log) and prints its pid. The listener reads
+  # the launch token from our stdin, where the gateway writes it (R never reads it; it is in no environment);
+  # a background job of sh gets /dev/null as stdin, so fd 0 goes through fd 4. -s: no user .pth file runs there.
+  pid <- system2("/bin/sh", c("-c", shQuote('exec 4<&0; "$@" <&4 4<&- >&2 & echo $!'), "sh",
+                              shQuote(listener_python()), "-s", shQuote(args)), stdout = TRUE)
   as.integer(pid[[1]])
 }
 
@@ -214,9 +214,6 @@ setup_spark <- function(mode, info_file) {
 # ------------------------------------------------------------------------------------------------ main
 main <- function() {
   opts <- parse_args(commandArgs(trailingOnly = TRUE))
-  token <- Sys.getenv("GP_LAUNCH_TOKEN")
-  Sys.unsetenv("GP_LAUNCH_TOKEN")  # not for user code, nor for the JVM
-  if (!nzchar(token)) fail("GP_LAUNCH_TOKEN is not set; the gateway must export it for each launch")
   if (!requireNamespace("IRkernel", quietly = TRUE)) {
     fail("IRkernel cannot be loaded by ", file.path(R.home("bin"), "R"), " on ", Sys.info()[["nodename"]],
          " (library paths: ", paste(.libPaths(), collapse = ", "), "): install it there, e.g. ",
@@ -231,7 +228,7 @@ main <- function() {
     info_file <- sub("\\.json$", "-info.json", connection_file)
     setup_spark(mode, info_file)
   }
-  listener <- start_listener(opts, connection_file, info_file, token)
+  listener <- start_listener(opts, connection_file, info_file)
   wait_for_connection_file(connection_file, listener)
   say("kernel ", opts[["kernel-id"]], ": starting IRkernel with ", connection_file, " (listener pid ", listener, ")")
   IRkernel::main(connection_file)  # returns only if the kernel loop ends; shutdown_request quits R

@@ -1,8 +1,10 @@
 """Start an ipykernel on this host and report its connection info to the spark_gateway (see docs/design.md).
 
-Order: the kernel class (and ipykernel) is imported first, so that a broken environment ends the launch before it
-reports success and the gateway fails the start at once with the log tail; then ports, connection file, control
-listener and the callback; the kernel binds right after (ZMQ clients retry until it does).
+Order: the launch token is read from stdin and handed to the callback helper (start the launcher with `python -s`:
+no .pth file of the user's site dir runs before it); the kernel class (and ipykernel) is imported, so that a
+broken environment ends the launch before it reports success and the gateway fails the start at once with the log
+tail; then ports, connection file, control listener and the callback; only then the user's site dir, IPython's
+config and startup files, and the kernel binds (ZMQ clients retry until it does).
 
 With ``--spark-context-initialization-mode eager`` the SparkSession is created before the callback (its JVM boots
 while ipykernel is imported); with ``lazy`` it is created in the background once the kernel is initialised. Either
@@ -21,6 +23,7 @@ import importlib.util
 import logging
 import os
 import signal
+import site
 import sys
 import threading
 import time
@@ -444,6 +447,56 @@ def hand_over_ports(app: Any, reservation: sg_ports.PortReservation, info: dict[
     app._try_bind_socket = release_then_bind
 
 
+def warn_if_user_site_ran() -> None:
+    """Say so when the user's site dir was active at start-up (the interpreter was not started with -s): its .pth
+    files and usercustomize ran before the callback, where they could forge it."""
+    if site.ENABLE_USER_SITE and os.path.isdir(site.getusersitepackages()):
+        log.warning(
+            "warning: %s is started without -s, so the user's site dir %s ran before the callback: start it with"
+            " `python -s` (the shipped kernelspecs do; the launcher adds the user's site dir after the callback)",
+            sys.executable, site.getusersitepackages(),
+        )  # fmt: skip
+
+
+def enable_user_site() -> None:
+    """Add the user's site dir that `python -s` held back (its .pth files, usercustomize), now that the callback
+    is sent, where Python would have put it: before the installation's own site-packages."""
+    if not sys.flags.no_user_site or sys.flags.no_site or os.environ.get("PYTHONNOUSERSITE") or site.ENABLE_USER_SITE:
+        return  # nothing held back (or already active), or the operator's choice (-S, PYTHONNOUSERSITE)
+    if os.getuid() != os.geteuid() or os.getgid() != os.getegid() or not _venv_allows_user_site():
+        return  # Python itself would not enable it
+    site.ENABLE_USER_SITE = True
+    before = list(sys.path)
+    site.addusersitepackages(None)
+    added = [entry for entry in sys.path if entry not in before]
+    system = [i for i, entry in enumerate(before) if entry in set(site.getsitepackages())]
+    if added and system:
+        sys.path[:] = before[: system[0]] + added + before[system[0] :]
+    try:
+        import usercustomize  # noqa: F401
+    except ImportError as exc:
+        if exc.name != "usercustomize":
+            raise
+
+
+def _venv_allows_user_site() -> bool:
+    """False in a virtual environment without system site-packages (Python disables the user site there)."""
+    if sys.prefix == sys.base_prefix:
+        return True
+    cfg = Path(sys.executable).parent.parent / "pyvenv.cfg"
+    if not cfg.is_file():
+        cfg = Path(sys.executable).parent / "pyvenv.cfg"
+    try:
+        lines = cfg.read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        key, _, value = line.partition("=")
+        if key.strip().lower() == "include-system-site-packages":
+            return value.strip().lower() == "true"
+    return False
+
+
 def log_stream_fd() -> int:
     """A duplicate of the launcher's stderr (the kernel log) that ipykernel's capture of fd 2 does not touch."""
     return os.dup(2)
@@ -451,11 +504,11 @@ def log_stream_fd() -> int:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    token = sg_callback.take_launch_token()
+    token = sg_callback.take_launch_token()  # from stdin, before anything of the user's can run
     configure_logging("launch_ipykernel", "py4j")
-    sender = sg_callback.CallbackSender(
-        args.response_address, args.public_key, args.kernel_id, token
-    )  # before any thread
+    warn_if_user_site_ran()
+    # before any thread; the helper alone keeps the token (our copy is wiped)
+    sender = sg_callback.CallbackSender(args.response_address, args.public_key, args.kernel_id, token)
     mode = args.spark_context_initialization_mode
 
     spark: SparkSessionStarter | None = None
@@ -486,21 +539,23 @@ def main(argv: list[str] | None = None) -> None:
     listener = sg_control.ControlListener(pid, pgid, port=ports[-1], ip=args.ip, info=spark.info if spark else None)
     listener.start()
 
+    # The callback goes before any file of the user can run (IPython's config and startup files, extensions, the
+    # user site's .pth files): none of them ever sees a pending launch. The kernel binds right after; clients
+    # retry until it does (ZMQ's 100 ms reconnect interval), and a kernel that cannot bind dies, which the
+    # gateway then sees as a dead kernel.
+    fields = sg_callback.payload_fields(args.kernel_id, info, pid, pgid, listener, str(path))
+    try:
+        sender.send(fields)
+    except sg_callback.CallbackError as exc:
+        log.error("error: %s", exc)
+        sys.exit(1)
+    enable_user_site()
+
     # The app ignores SIGINT except while a cell runs, where SIGINT raises KeyboardInterrupt.
     app = IPKernelApp.instance(kernel_class=kernel_class)
     hand_over_ports(app, reservation, info)
     app.initialize(["-f", str(path)])
     reservation.release()
-
-    # Only a kernel whose sockets are bound reports success: clients then connect at their first attempt
-    # (a refused first attempt costs them ZMQ's 100 ms reconnect interval), and a kernel that cannot bind
-    # fails the start with its log tail.
-    fields = sg_callback.payload_fields(args.kernel_id, info, pid, pgid, listener, str(path))
-    try:
-        sender.send(fields)
-    except sg_callback.CallbackError as exc:
-        log.error("error: %s", exc)  # sys.stderr belongs to ipykernel by now; our log goes to the kernel log
-        sys.exit(1)
     if spark is not None:
         spark.install(app.kernel)
         if mode == "lazy":

@@ -40,10 +40,6 @@ done
 [[ "${kernel_id}" =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]] || die "kernel id '${kernel_id}' is not valid (letters, digits, . _ -)"
 case "${mode}" in lazy | eager | none) ;; *) die "--spark-context-initialization-mode must be lazy, eager or none, not '${mode}'" ;; esac
 
-token="${GP_LAUNCH_TOKEN:-}"
-unset GP_LAUNCH_TOKEN # not for the JVM nor for user code
-[ -n "${token}" ] || die "GP_LAUNCH_TOKEN is not set; the gateway must export it for each launch"
-
 host="$(hostname)"
 [ -n "${SPARK_HOME:-}" ] || die "SPARK_HOME is not set: set it in the kernelspec's env to a Spark 3.x installation"
 [ -d "${SPARK_HOME}" ] || die "SPARK_HOME=${SPARK_HOME} does not exist on ${host}: fix SPARK_HOME in the kernelspec's env"
@@ -76,7 +72,7 @@ except ValueError as exc:
 sys.stdout.write("".join(w + "\0" for w in words))'
 spark_opts=()
 words="$(mktemp)"
-"${python}" -c "${split}" >"${words}" || { rm -f "${words}"; exit 1; }
+"${python}" -s -c "${split}" </dev/null >"${words}" || { rm -f "${words}"; exit 1; } # stdin: the token's
 mapfile -d '' -t spark_opts <"${words}"
 rm -f "${words}"
 read -r -a launch_opts <<<"${LAUNCH_OPTS:-}"
@@ -102,9 +98,11 @@ listener_args=(--kernel-id "${kernel_id}" --response-address "${response}" --pub
   --interrupt-signal USR2 --interrupt-needs-thread dag-scheduler-event-loop --interrupt-refusal "${refusal}")
 # Toree reports nothing about its SparkContext: the listener finds it (thread, then Spark UI) for the gateway's `info`
 [ "${mode}" = none ] || listener_args+=(--spark-report)
-GP_LAUNCH_TOKEN="${token}" "${python}" "${listener}" "${listener_args[@]}" </dev/null >&2 &
+# The listener reads the launch token from our stdin (the gateway writes it there; it is never in an environment)
+# and is not dumpable; -s: no .pth file of the user's site dir runs in it. Nothing after it gets that stdin.
+"${python}" -s "${listener}" "${listener_args[@]}" <&0 >&2 &
 listener_pid=$!
-unset token
+exec </dev/null
 while [ ! -f "${connection_file}" ]; do # written complete (renamed into place)
   kill -0 "${listener_pid}" 2>/dev/null ||
     die "server_listener.py (pid ${listener_pid}) exited before writing ${connection_file}; its messages are above"

@@ -9,7 +9,7 @@ them in its own process; the R and Scala launchers run this script:
     server_listener.py --kernel-id ID --response-address H:P --public-key B64 --port-range R \
         --connection-file PATH --pid PID [--ip IP] [--info-file PATH] [--wait-for-ports] [--interrupt-signal SIG]
         [--interrupt-needs-thread NAME --interrupt-refusal TEXT] [--spark-report]
-                                                                         (reads GP_LAUNCH_TOKEN from the environment)
+                                    (reads the launch token from stdin: start it with `python -s`, before any user code)
 
 Standalone, it terminates PID when it cannot do its job (no connection file, no callback): a kernel the gateway
 cannot reach must not linger, and the launcher's exit makes the gateway fail the start at once with the log tail.
@@ -26,7 +26,7 @@ import sys
 import time
 
 import sg_protocol as protocol
-from sg_callback import CallbackError, payload_fields, send_connection_info, take_launch_token
+from sg_callback import CallbackError, make_undumpable, payload_fields, send_connection_info, take_launch_token, wipe
 from sg_control import ControlListener
 from sg_log import configure_logging
 from sg_ports import build_connection_info, remove_file, select_ports, write_connection_file
@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     token = take_launch_token()
+    make_undumpable()  # the kernel runs as our user: it must not read the token from our memory
     configure_logging()
     # SIGTERM (e.g. the `shutdown` op to the group we are in) ends us through `finally`: the files go too.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -99,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.wait_for_ports:
             wait_for_kernel_ports(args.pid, ports[:-1])
         fields = payload_fields(args.kernel_id, info, args.pid, pgid, listener, args.connection_file)
-        send_connection_info(args.response_address, args.public_key, args.kernel_id, token, fields)
+        send_connection_info(args.response_address, args.public_key, args.kernel_id, token.decode(), fields)
+        wipe(token)
     except Exception as exc:  # noqa: BLE001 (logged; the kernel is ended, see the module docstring)
         log.error("error: %s; terminating process %d", exc if isinstance(exc, CallbackError) else repr(exc), args.pid)
         with contextlib.suppress(OSError):

@@ -1,4 +1,5 @@
-"""The callback (protocol v1, docs/design.md): the launch token, and the connection info sealed for the gateway."""
+"""The callback (protocol v1, docs/design.md): the launch token (read from stdin), and the connection info sealed
+for the gateway."""
 
 from __future__ import annotations
 
@@ -100,22 +101,26 @@ class CallbackSender:
     """Sends the callback from a process forked at launch, which imports pycryptodome on another core while the
     launcher imports its kernel; it sends only when `send` hands it the payload fields.
 
-    Fork it before any thread exists. If the launcher dies first, the helper reads EOF and exits silently.
+    The helper alone keeps the launch token (the launcher's copy is wiped at the fork) and is not dumpable; it
+    exits once the gateway answered. Fork it before any thread exists. If the launcher dies first, the helper
+    reads EOF and exits silently.
     """
 
-    def __init__(self, response_address: str, public_key_b64: str, kernel_id: str, launch_token: str) -> None:
-        self.args = (response_address, public_key_b64, kernel_id, launch_token)
+    def __init__(self, response_address: str, public_key_b64: str, kernel_id: str, launch_token: bytearray) -> None:
+        self.args = (response_address, public_key_b64, kernel_id)
         to_child, self._request = os.pipe()
         self._reply, from_child = os.pipe()
         self.pid = os.fork()
-        if self.pid == 0:  # the helper
+        if self.pid == 0:  # the helper: the only process that keeps the token, and nobody can read its memory
+            make_undumpable()
             os.close(self._request)
             os.close(self._reply)
-            os._exit(self._serve(to_child, from_child))
+            os._exit(self._serve(to_child, from_child, launch_token.decode()))
+        wipe(launch_token)  # the launcher (where user code will run) no longer holds it
         os.close(to_child)
         os.close(from_child)
 
-    def _serve(self, requests: int, replies: int) -> int:
+    def _serve(self, requests: int, replies: int, token: str) -> int:
         try:
             # pycryptodome picks cffi when importable, which costs ~20 ms more CPU to load than its ctypes backend;
             # this short-lived process only encrypts one payload, so it takes the cheaper one
@@ -125,7 +130,7 @@ class CallbackSender:
                 data = pipe.read()
             if not data:
                 return 0
-            send_connection_info(*self.args, json.loads(data))
+            send_connection_info(*self.args, token, json.loads(data))
             os.write(replies, b"ok")
         except BaseException as exc:  # the parent reports it
             os.write(replies, f"{exc}".encode()[:4000] or b"callback failed")
@@ -160,10 +165,57 @@ def _deliver(address: tuple[str, int], envelope: bytes, timeout: float, attempts
     raise CallbackError(f"cannot deliver connection info to {where}: no attempts")
 
 
-def take_launch_token() -> str:
-    """Remove GP_LAUNCH_TOKEN from the environment and return it; exit 2 if it is missing."""
-    token = os.environ.pop("GP_LAUNCH_TOKEN", "")
-    if not token:
-        print("error: GP_LAUNCH_TOKEN is not set; the gateway must export it for each launch", file=sys.stderr)
+TOKEN_LENGTH = 64  # hex digits; the gateway writes them and a newline on the launcher's stdin
+
+
+def take_launch_token(fd: int = 0) -> bytearray:
+    """Read the launch token from stdin (the gateway writes it there), then point stdin at /dev/null.
+
+    The token is never in any environment or argv; once read, the pipe is empty and gone, so nothing started
+    later (user code included) can read it. It is returned as a bytearray so that the holder can wipe it
+    (`wipe`); exits 2, saying why, when no token came.
+    """
+    buf = bytearray(TOKEN_LENGTH + 1)
+    view = memoryview(buf)
+    got = 0
+    try:
+        if not os.isatty(fd):
+            while got < len(buf):
+                count = os.readv(fd, [view[got:]])
+                if count == 0:
+                    break
+                got += count
+    except OSError:
+        got = 0
+    null = os.open(os.devnull, os.O_RDONLY)
+    if null != fd:
+        os.dup2(null, fd)
+        os.close(null)
+    valid = got >= TOKEN_LENGTH and all(c in b"0123456789abcdef" for c in view[:TOKEN_LENGTH])
+    view.release()
+    buf[TOKEN_LENGTH] = 0
+    del buf[TOKEN_LENGTH:]
+    if not valid:
+        wipe(buf)
+        print(
+            "error: no launch token on stdin; the gateway writes one there for each launch (a launcher started by"
+            " hand must get 64 hex digits on stdin)",
+            file=sys.stderr,
+        )
         sys.exit(2)
-    return token
+    return buf
+
+
+def wipe(token: bytearray) -> None:
+    """Overwrite the token in place (a bytearray is never copied by this)."""
+    token[:] = bytes(len(token))
+
+
+def make_undumpable() -> None:
+    """prctl(PR_SET_DUMPABLE, 0): other processes of our user can no longer read our memory, environment or fds
+    (/proc/PID/mem, ptrace); a no-op where prctl is missing."""
+    import contextlib
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 4

@@ -26,4 +26,5 @@ export PYSPARK_SUBMIT_ARGS="${SPARK_OPTS:-} pyspark-shell"
 read -r -a launch_opts <<<"${LAUNCH_OPTS:-}"
 
 echo "Starting the Python kernel for Spark (${SPARK_OPTS:-no SPARK_OPTS}) as $(id -un) on $(hostname)" >&2
-exec "${python}" "${PROG_HOME}/scripts/launch_ipykernel.py" "${launch_opts[@]}" "$@"
+# -s: no .pth file of the user's site dir runs before the launcher has called back (it adds that dir after)
+exec "${python}" -s "${PROG_HOME}/scripts/launch_ipykernel.py" "${launch_opts[@]}" "$@"

@@ -32,7 +32,7 @@ try:
     print(shlex.join(shlex.split(os.environ.get("SPARK_OPTS", ""))))
 except ValueError as exc:
     sys.exit(f"error: SPARK_OPTS cannot be split like a command line ({exc}): fix the kernelspec'"'"'s SPARK_OPTS")'
-words="$("${python}" -c "${split}")" || exit 1
+words="$("${python}" -s -c "${split}" </dev/null)" || exit 1 # stdin holds the launch token: for the listener
 export SPARKR_SUBMIT_ARGS="${words} sparkr-shell"
 PROG_HOME="$(cd "$(dirname "$0")/.." && pwd)"
 read -r -a launch_opts <<<"${LAUNCH_OPTS:-}"
