@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -298,3 +299,24 @@ async def test_a_launcher_started_without_dash_s_says_so(accounts, as_gateway, u
     assert reply["status"] == "ok" and text.strip() == "42"
     log = Path(km.provisioner.log_file).read_text()
     assert "is started without -s, so the user's site dir" in log and "start it with `python -s`" in log
+
+
+async def test_a_broken_r_profile_fails_the_start_with_its_reason(accounts, as_gateway):
+    """bob's `~/.Rprofile` stops with an error: the launcher, which now sources it itself, fails the start at once
+    with the profile's path and message (R would not have started either)."""
+    from tests.test_r_kernel import install_r_spec
+
+    if not shutil.which("Rscript"):
+        pytest.skip("Rscript is not installed: `make system-deps` installs r-base-core and r-cran-irkernel")
+    kernels = accounts.base / "kernels"
+    install_r_spec(kernels, "bob_r")
+    subprocess.run(["chmod", "-R", "a+rX", str(kernels / "bob_r")], check=True)
+    profile = accounts.home("bob") / ".Rprofile"
+    profile.write_text('stop("bob\'s profile is broken")\n')
+    uid = accounts.uids["bob"]
+    os.chown(profile, uid, uid)
+    km = as_gateway("bob_r")
+    with pytest.raises(Exception, match="before reporting its connection info") as info:
+        await security.start(km, accounts, "bob")
+    message = str(info.value)
+    assert f"the R profile {profile} failed: bob's profile is broken" in message, message
