@@ -124,7 +124,8 @@ async def test_missing_irkernel_fails_the_start_with_the_reason(lab, managers, k
     message = str(info.value)
     assert "before reporting its connection info (exit status 1)" in message, message  # not the launch timeout
     assert "apt-get install r-cran-irkernel" in message
-    assert not kernel_processes(host, km.kernel_id)
+    # the listener, started before the check (it takes the token first), ends once it sees R gone
+    assert wait_for(lambda: not kernel_processes(host, km.kernel_id), 10.0)
 
 
 def pyspark_home() -> str:

@@ -344,7 +344,7 @@ def test_r_layout(tmp_path: Path) -> None:
     assert (spec_dir / "scripts/launch_IRkernel.R").read_bytes() == R_LAUNCHER.read_bytes()
     spec = kernel_json(spec_dir)
     assert spec["argv"] == [
-        "Rscript", f"{spec_dir}/scripts/launch_IRkernel.R",
+        "Rscript", "--no-init-file", "--no-environ", f"{spec_dir}/scripts/launch_IRkernel.R",
         "--kernel-id", "{kernel_id}", "--port-range", "{port_range}", "--response-address", "{response_address}",
         "--public-key", "{public_key}", "--spark-context-initialization-mode", "none",
     ]  # fmt: skip

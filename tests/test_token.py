@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -213,6 +214,55 @@ async def test_an_r_kernel_never_holds_the_token_in_an_environment(lab, managers
     assert reply["status"] == "ok" and text == "FALSE"
 
 
+R_PROBE = """#!/bin/sh
+# probe.sh WHERE OUT R_PID: what a user's R start-up file can read of the token, appended to OUT
+{
+  echo "== $1 ran"
+  for f in /proc/[0-9]*/environ /proc/[0-9]*/cmdline; do tr '\\0' '\\n' <"$f"; echo; done
+  echo "== stdin"
+  timeout 2 cat
+  echo "== stdin reopened"
+  timeout 2 cat "/proc/$3/fd/0"
+  echo "== end $1"
+} >>"$2" 2>/dev/null
+"""
+
+
+async def test_an_r_users_startup_files_run_after_the_token_is_taken(accounts, as_gateway, tokens):
+    """alice's `~/.Renviron` and `~/.Rprofile` still take effect in her R kernel, but run only once the listener has
+    taken the token from R's stdin: her profile finds it nowhere (stdin, reopened stdin, environments, command
+    lines), and a site profile her `.Renviron` names (R_PROFILE) never runs (it would run before the launcher)."""
+    from tests.test_r_kernel import install_r_spec
+
+    if not shutil.which("Rscript"):
+        pytest.skip("Rscript is not installed: `make system-deps` installs r-base-core and r-cran-irkernel")
+    kernels = accounts.base / "kernels"
+    install_r_spec(kernels, "alice_r")
+    subprocess.run(["chmod", "-R", "a+rX", str(kernels / "alice_r")], check=True)
+    home = accounts.home("alice")
+    out, probe = home / "r-probe.txt", home / "probe.sh"
+    probe.write_text(R_PROBE)
+    run = 'system2("/bin/sh", c("{probe}", "{where}", "{out}", Sys.getpid()))\n'
+    (home / "site-steal.R").write_text(run.format(probe=probe, where="site-profile", out=out))
+    (home / ".Renviron").write_text(f"SG_RENVIRON_VAR=from-renviron\nR_PROFILE={home / 'site-steal.R'}\n")
+    (home / ".Rprofile").write_text(run.format(probe=probe, where="rprofile", out=out) + 'sg_profile <- "ran"\n')
+    uid = accounts.uids["alice"]
+    subprocess.run(["chown", "-R", f"{uid}:{uid}", str(home)], check=True)
+
+    km = as_gateway("alice_r")
+    await security.start(km, accounts, "alice")
+    token = tokens[km.kernel_id]["token"]
+    text, reply = await execute(km, 'cat(sg_profile, Sys.getenv("SG_RENVIRON_VAR"))')
+    assert reply["status"] == "ok" and text == "ran from-renviron", text
+    found = out.read_text()
+    assert "== rprofile ran" in found and "== end rprofile" in found, found[-2000:]
+    assert "server_listener.py" in found, "the probe read no command line"
+    assert "== site-profile ran" not in found, "a site profile named by the user's .Renviron ran"
+    assert token not in found, "alice's .Rprofile found the launch token"
+    leaked = token in readable_everywhere([pid for pid, _ in accounts.host.processes()])
+    assert not leaked, "the launch token is in an environment or command line on the host"
+
+
 @scala.needs_spark35
 async def test_a_scala_kernel_never_holds_the_token_in_an_environment(lab, managers, scala_specs, tokens):
     """Toree's JVM, spark-submit's and the launcher's shells, and the listener: the token is in no environment nor
@@ -249,3 +299,24 @@ async def test_a_launcher_started_without_dash_s_says_so(accounts, as_gateway, u
     assert reply["status"] == "ok" and text.strip() == "42"
     log = Path(km.provisioner.log_file).read_text()
     assert "is started without -s, so the user's site dir" in log and "start it with `python -s`" in log
+
+
+async def test_a_broken_r_profile_fails_the_start_with_its_reason(accounts, as_gateway):
+    """bob's `~/.Rprofile` stops with an error: the launcher, which now sources it itself, fails the start at once
+    with the profile's path and message (R would not have started either)."""
+    from tests.test_r_kernel import install_r_spec
+
+    if not shutil.which("Rscript"):
+        pytest.skip("Rscript is not installed: `make system-deps` installs r-base-core and r-cran-irkernel")
+    kernels = accounts.base / "kernels"
+    install_r_spec(kernels, "bob_r")
+    subprocess.run(["chmod", "-R", "a+rX", str(kernels / "bob_r")], check=True)
+    profile = accounts.home("bob") / ".Rprofile"
+    profile.write_text('stop("bob\'s profile is broken")\n')
+    uid = accounts.uids["bob"]
+    os.chown(profile, uid, uid)
+    km = as_gateway("bob_r")
+    with pytest.raises(Exception, match="before reporting its connection info") as info:
+        await security.start(km, accounts, "bob")
+    message = str(info.value)
+    assert f"the R profile {profile} failed: bob's profile is broken" in message, message

@@ -8,9 +8,11 @@
 # and serves the control listener until this process exits. This process then becomes the kernel
 # (IRkernel::main), so the pid the gateway signals is R's own and SIGINT interrupts R code.
 #
-# Order: check IRkernel (and SparkR) before anything is reported, so a broken host fails the start at once with
-# this log's last lines; eager mode creates the SparkSession before the callback too. The listener's Python is
-# $GP_LISTENER_PYTHON (the spec tooling writes an absolute path), else python3 on PATH.
+# Order (main): the listener is started first, with base R only, and takes the launch token from our stdin; only
+# then do the user's files run (Rscript is started with --no-environ --no-init-file: this script reads them, see
+# read_startup_files), then IRkernel (and SparkR) are checked and eager mode creates the SparkSession. The listener
+# calls back once IRkernel listens, so a broken host fails the start at once with this log's last lines. The
+# listener's Python is $GP_LISTENER_PYTHON (the spec tooling writes an absolute path), else python3 on PATH.
 
 fail <- function(...) {
   # One line on stderr (the kernel log, whose tail the gateway puts in the start error), then exit 1.
@@ -99,7 +101,7 @@ process_running <- function(pid) {
 start_listener <- function(opts, connection_file, info_file) {
   args <- c(listener_script(), "--kernel-id", opts[["kernel-id"]], "--response-address", opts[["response-address"]],
             "--public-key", opts[["public-key"]], "--port-range", opts[["port-range"]],
-            "--connection-file", connection_file, "--pid", Sys.getpid())
+            "--connection-file", connection_file, "--pid", Sys.getpid(), "--wait-for-ports")
   if (!is.null(opts[["ip"]])) args <- c(args, "--ip", opts[["ip"]])
   if (!is.null(info_file)) args <- c(args, "--info-file", info_file)
   # system2() runs a shell command line: every word is quoted (shQuote), none is interpreted. The shell starts
@@ -212,23 +214,67 @@ setup_spark <- function(mode, info_file) {
 }
 
 # ------------------------------------------------------------------------------------------------ main
+wait_for_token_taken <- function(path, listener_pid) {
+  # The listener reads the token from stdin before it writes the connection file: once the file exists, R's
+  # stdin is drained, so user code may run. Base R only: no package is loaded before this returns.
+  while (!file.exists(path)) {
+    if (!process_running(listener_pid)) {
+      fail("server_listener.py (pid ", listener_pid, ") exited before writing ", path, "; its messages are above")
+    }
+    Sys.sleep(0.02)
+  }
+}
+
+user_file <- function(variable, name) {
+  # The file R would read at start-up: $variable if set, else `name` in the working directory, else in the home.
+  set <- Sys.getenv(variable)
+  found <- if (nzchar(set)) path.expand(set) else c(name, file.path(path.expand("~"), name))
+  found <- found[file.exists(found)]
+  if (length(found)) found[[1]] else NULL
+}
+
+read_startup_files <- function() {
+  # Rscript runs with --no-environ --no-init-file, so that no user file (nor a package or site profile that one
+  # names) runs before the listener holds the token. Read now what R would have read (?Startup): the site and the
+  # user environ files, the library paths they set, then the user profile into the workspace, and its .First.
+  site <- Sys.getenv("R_ENVIRON", file.path(R.home("etc"), "Renviron.site"))
+  for (path in c(if (file.exists(site)) site, user_file("R_ENVIRON_USER", ".Renviron"))) readRenviron(path)
+  expand <- if (exists(".expand_R_libs_env_var", baseenv())) get(".expand_R_libs_env_var", baseenv()) else identity
+  paths <- function(variable) {
+    value <- expand(Sys.getenv(variable))
+    if (identical(value, "NULL")) character() else unlist(strsplit(value, ":"))
+  }
+  .libPaths(c(paths("R_LIBS"), paths("R_LIBS_USER"), paths("R_LIBS_SITE")))
+  profile <- user_file("R_PROFILE_USER", ".Rprofile")
+  if (!is.null(profile)) {
+    tryCatch(sys.source(profile, envir = globalenv(), toplevel.env = globalenv()), error = function(e) {
+      fail("the R profile ", profile, " failed: ", conditionMessage(e), ": fix it, or move it away")
+    })
+  }
+  if (exists(".First", envir = globalenv(), inherits = FALSE)) get(".First", envir = globalenv())()
+}
+
 main <- function() {
+  # Order: the listener first, with base R only, as it takes the token from our stdin; then the user's files; then
+  # the checks of IRkernel (and SparkR), which the user's library paths may satisfy. The listener calls back once
+  # IRkernel listens (--wait-for-ports), so any failure before that fails the start with this log's last lines.
   opts <- parse_args(commandArgs(trailingOnly = TRUE))
+  mode <- opts[["spark-context-initialization-mode"]]
+  connection_file <- connection_file_path(opts[["kernel-id"]])
+  info_file <- if (mode != "none") sub("\\.json$", "-info.json", connection_file)
+  unlink(connection_file)  # a stale one of an earlier launch must not be mistaken for ours
+  listener <- start_listener(opts, connection_file, info_file)
+  wait_for_token_taken(connection_file, listener)
+  read_startup_files()
   if (!requireNamespace("IRkernel", quietly = TRUE)) {
     fail("IRkernel cannot be loaded by ", file.path(R.home("bin"), "R"), " on ", Sys.info()[["nodename"]],
          " (library paths: ", paste(.libPaths(), collapse = ", "), "): install it there, e.g. ",
          "apt-get install r-cran-irkernel, or install.packages('IRkernel') for this R")
   }
-  mode <- opts[["spark-context-initialization-mode"]]
-  connection_file <- connection_file_path(opts[["kernel-id"]])
-  info_file <- NULL
-  unlink(connection_file)  # a stale one of an earlier launch must not be mistaken for ours
   if (mode != "none") {
     check_sparkr()
-    info_file <- sub("\\.json$", "-info.json", connection_file)
     setup_spark(mode, info_file)
   }
-  listener <- start_listener(opts, connection_file, info_file)
   wait_for_connection_file(connection_file, listener)
   say("kernel ", opts[["kernel-id"]], ": starting IRkernel with ", connection_file, " (listener pid ", listener, ")")
   IRkernel::main(connection_file)  # returns only if the kernel loop ends; shutdown_request quits R

@@ -38,4 +38,6 @@ PROG_HOME="$(cd "$(dirname "$0")/.." && pwd)"
 read -r -a launch_opts <<<"${LAUNCH_OPTS:-}"
 
 echo "Starting the R kernel for Spark (${SPARK_OPTS:-no SPARK_OPTS}) as $(id -un) on ${host}" >&2
-exec "${rscript}" "${PROG_HOME}/scripts/launch_IRkernel.R" "${launch_opts[@]}" "$@"
+# No user file runs before the launcher has passed its stdin (the launch token) to the listener: the launcher reads
+# them afterwards (see docs/r-kernels.md).
+exec "${rscript}" --no-init-file --no-environ "${PROG_HOME}/scripts/launch_IRkernel.R" "${launch_opts[@]}" "$@"
