@@ -18,8 +18,8 @@ VERSION = 1
 AAD_PREFIX = b"spark_gateway/v1|"  # AES-GCM associated data of a callback: this prefix + the kernel id
 MAX_MESSAGE = 64 * 1024  # a callback envelope, or one control line, at most
 PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
-CONTROL_OPS = ("poll", "signal", "shutdown", "info")
-INFO_MAX_WAIT = 4.0  # seconds an `info` request may wait for news (below the client's 5 s timeout)
+CONTROL_OPS = ("poll", "signal", "shutdown", "info", "ready")
+INFO_MAX_WAIT = 4.0  # seconds an `info` or `ready` request may wait (below the client's 5 s timeout)
 
 # The callback envelope, and the plaintext it seals: field -> JSON type(s).
 ENVELOPE_FIELDS = ("v", "kernel_id", "key", "nonce", "data", "tag")

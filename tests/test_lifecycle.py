@@ -303,3 +303,16 @@ async def test_polls_ride_one_kept_connection_that_reports_the_kernel_s_death_at
     assert not channel.vouches(60.0)  # well inside the lease, which alone would have vouched for 15 s
     assert await km.provisioner.poll() is not None
     await km.shutdown_kernel(now=True)
+
+
+async def test_a_started_kernel_is_handed_over_with_its_ports_bound(lab, managers):
+    """The callback precedes the kernel's binding (no user file runs before it); the start waits for the binding
+    (control op `ready`), so a client's first connection attempt is never refused."""
+    import socket
+
+    km = managers()
+    await km.start_kernel(env=env(KERNEL_REMOTE_HOST=lab.hosts[0].name))
+    info = km.get_connection_info()
+    for name in ("shell_port", "iopub_port", "stdin_port", "control_port"):
+        socket.create_connection((info["ip"], info[name]), timeout=5).close()  # refused: raises
+    await km.shutdown_kernel(now=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -422,6 +424,29 @@ async def test_only_max_kept_connections_stay_open_and_one_shot_clients_still_wo
         second.close()
     finally:
         listener.stop()
+
+
+@pytest.mark.asyncio
+async def test_ready_waits_for_the_kernel_s_sockets() -> None:
+    bound = threading.Event()
+    listener = sg_control.ControlListener(os.getpid(), os.getpgid(0), ip=LOCAL, ready=bound.wait)
+    listener.start()
+    try:
+        ask = functools.partial(control_request, LOCAL, listener.port, listener.secret_hex, "ready")
+        assert await ask({"wait": 0}) == {"ok": True, "ready": False}
+        asyncio.get_running_loop().call_later(0.3, bound.set)
+        assert await ask({"wait": 4}) == {"ok": True, "ready": True}  # answered once bound, within the wait
+        with pytest.raises(ControlError, match="wait is 0..4"):
+            await ask({"wait": 60})
+    finally:
+        listener.stop()
+    standalone = sg_control.ControlListener(os.getpid(), os.getpgid(0), ip=LOCAL)  # e.g. R's: bound before callback
+    standalone.start()
+    try:
+        reply = await control_request(LOCAL, standalone.port, standalone.secret_hex, "ready")
+        assert reply == {"ok": True, "ready": True}
+    finally:
+        standalone.stop()
 
 
 @pytest.mark.asyncio

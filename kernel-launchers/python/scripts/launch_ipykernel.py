@@ -431,8 +431,11 @@ def _trace_nothing(frame: FrameType, event: str, arg: Any) -> None:
     """The thread's trace function while an interrupt waits for the JVM: new frames are not traced."""
 
 
-def hand_over_ports(app: Any, reservation: sg_ports.PortReservation, info: dict[str, Any]) -> None:
-    """Release each reserved port the moment ipykernel binds it, so no other process can take it in between."""
+def hand_over_ports(
+    app: Any, reservation: sg_ports.PortReservation, info: dict[str, Any], bound: threading.Event
+) -> None:
+    """Release each reserved port the moment ipykernel binds it, so no other process can take it in between; set
+    `bound` once the kernel's sockets are bound (the control op `ready` waits for it)."""
     bind = getattr(app, "_try_bind_socket", None)
     if bind is None:  # an ipykernel without that hook: release everything now
         reservation.release()
@@ -442,7 +445,10 @@ def hand_over_ports(app: Any, reservation: sg_ports.PortReservation, info: dict[
         reservation.release(port)
         if port == info["iopub_port"]:  # ipykernel binds shell, stdin, control, iopub, then the heartbeat's own
             reservation.release(info["hb_port"])
-        return bind(sock, port)
+        result = bind(sock, port)
+        if port == info["iopub_port"]:
+            bound.set()
+        return result
 
     app._try_bind_socket = release_then_bind
 
@@ -536,13 +542,16 @@ def main(argv: list[str] | None = None) -> None:
     remove_on_exit(path)
     sg_ports.write_connection_file(str(path), info)
     reservation.release(ports[-1])
-    listener = sg_control.ControlListener(pid, pgid, port=ports[-1], ip=args.ip, info=spark.info if spark else None)
+    bound = threading.Event()  # the kernel's sockets are bound: clients connect at their first attempt
+    listener = sg_control.ControlListener(
+        pid, pgid, port=ports[-1], ip=args.ip, info=spark.info if spark else None, ready=bound.wait
+    )
     listener.start()
 
     # The callback goes before any file of the user can run (IPython's config and startup files, extensions, the
-    # user site's .pth files): none of them ever sees a pending launch. The kernel binds right after; clients
-    # retry until it does (ZMQ's 100 ms reconnect interval), and a kernel that cannot bind dies, which the
-    # gateway then sees as a dead kernel.
+    # user site's .pth files): none of them ever sees a pending launch. The kernel binds right after; the gateway
+    # waits for that (control op `ready`) before it hands the kernel to its clients, so they connect at their first
+    # attempt; a kernel that cannot bind dies, which fails the start with its log.
     fields = sg_callback.payload_fields(args.kernel_id, info, pid, pgid, listener, str(path))
     try:
         sender.send(fields)
@@ -553,9 +562,10 @@ def main(argv: list[str] | None = None) -> None:
 
     # The app ignores SIGINT except while a cell runs, where SIGINT raises KeyboardInterrupt.
     app = IPKernelApp.instance(kernel_class=kernel_class)
-    hand_over_ports(app, reservation, info)
+    hand_over_ports(app, reservation, info, bound)
     app.initialize(["-f", str(path)])
     reservation.release()
+    bound.set()  # an ipykernel without the binding hook: bound by now
     if spark is not None:
         spark.install(app.kernel)
         if mode == "lazy":

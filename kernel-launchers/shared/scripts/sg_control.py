@@ -70,10 +70,12 @@ class OrphanWatch:
 
 
 class ControlListener:
-    """Authenticated control listener (poll / signal / shutdown / info) for one kernel process.
+    """Authenticated control listener (poll / signal / shutdown / info / ready) for one kernel process.
 
     ``info(wait)`` (optional) returns the launcher's report for the `info` op, e.g. ``{"spark": {...}}``; it may
-    wait up to ``wait`` seconds for a change (such as a SparkSession that is still starting).
+    wait up to ``wait`` seconds for a change (such as a SparkSession that is still starting). ``ready(wait)``
+    (optional) waits up to ``wait`` seconds for the kernel's sockets to be bound and says whether they are; without
+    it the kernel is ready whenever the listener answers.
     """
 
     def __init__(
@@ -86,6 +88,7 @@ class ControlListener:
         timeout: float = 5.0,
         max_connections: int = 16,
         info: Callable[[float], dict[str, Any]] | None = None,
+        ready: Callable[[float], bool] | None = None,
         first_line_timeout: float = 5.0,
         max_per_peer: int = 4,
         max_kept: int = 4,
@@ -93,7 +96,7 @@ class ControlListener:
         interrupt_guard: Callable[[], str | None] | None = None,
         orphan_timeout: float | None = None,
     ) -> None:
-        self.pid, self.pgid, self.timeout, self.info = pid, pgid, timeout, info
+        self.pid, self.pgid, self.timeout, self.info, self.ready = pid, pgid, timeout, info, ready
         # None: GP_ORPHAN_TIMEOUT from the environment the gateway exported (default 1800 s)
         self.orphans = OrphanWatch(
             OrphanWatch.timeout_from_env() if orphan_timeout is None else orphan_timeout, self._terminate_group
@@ -234,10 +237,12 @@ class ControlListener:
     def _dispatch(self, op: str, args: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], None] | None]:
         if op == "poll":
             return {"ok": True, "alive": pid_alive(self.pid)}, None
-        if op == "info":
+        if op in ("info", "ready"):
             wait = args.get("wait", 0)
             if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= INFO_MAX_WAIT:
-                return {"ok": False, "error": f"bad info args {args!r}: wait is 0..{INFO_MAX_WAIT:g} seconds"}, None
+                return {"ok": False, "error": f"bad {op} args {args!r}: wait is 0..{INFO_MAX_WAIT:g} seconds"}, None
+            if op == "ready":
+                return {"ok": True, "ready": self.ready(float(wait)) if self.ready else True}, None
             return {"ok": True, **(self.info(float(wait)) if self.info else {})}, None
         if op == "shutdown":
             log.info("control: shutdown of process group %d", self.pgid)
