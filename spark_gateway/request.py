@@ -68,7 +68,8 @@ class LaunchRequest:
                     raise ProvisionerError(500, f"kernelspec {spec.display_name!r}: {exc}") from None
                 words[name] = spec_value(template, values)
         if master == "yarn" and "SPARK_OPTS" in words:
-            words["SPARK_OPTS"] += shlex.quote(yarn.submit_conf(kernel_id))  # tags, one attempt (yarn.py)
+            tags = yarn.submit_conf(kernel_id, options.yarn_gateway_id)  # tags, one attempt (yarn.py)
+            words["SPARK_OPTS"] += shlex.quote(tags)
         run_as = None
         if options.impersonation_enabled:  # every kernel runs as its user; a YARN application is theirs too
             words["GP_IMPERSONATION_ENABLED"] = "True"

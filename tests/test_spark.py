@@ -136,7 +136,10 @@ def submit_args(log: str) -> list[str]:
 def without_yarn_confs(args: list[str], kernel_id: str) -> list[str]:
     """`args` less the confs the gateway adds to every YARN kernel (asserted present: one attempt, tags)."""
     args = list(args)
-    for conf in ("spark.yarn.maxAppAttempts=1", f"spark.yarn.tags={yarn.GATEWAY_TAG},{yarn.gateway_tag()},{kernel_id}"):
+    for conf in (
+        "spark.yarn.maxAppAttempts=1",
+        f"spark.yarn.tags={yarn.GATEWAY_TAG},{yarn.gateway_tag(yarn.default_gateway_id())},{kernel_id}",
+    ):
         i = args.index(conf)
         assert args[i - 1] == "--conf", args
         del args[i - 1 : i + 1]

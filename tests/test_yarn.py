@@ -100,7 +100,11 @@ async def test_lazy_kernel_runs_jobs_on_yarn_interrupts_and_shuts_down(lab, mana
     assert set(hosts) <= {"sg-host1", "sg-host2"} and hosts  # executors ran in NodeManager containers
     app = yarn_lab.app(app_id)
     assert (app["name"], app["state"], app["queue"], app["user"]) == (km.kernel_id, "RUNNING", "root.default", "root")
-    assert set(app["applicationTags"].split(",")) == {km.kernel_id, yarn.GATEWAY_TAG, yarn.gateway_tag()}
+    assert set(app["applicationTags"].split(",")) == {
+        km.kernel_id,
+        yarn.GATEWAY_TAG,
+        yarn.gateway_tag(km.provisioner.yarn_gateway_id),
+    }
     assert app["amHostHttpAddress"].split(":")[0] in ("sg-host1", "sg-host2")
     assert app["runningContainers"] >= 2  # the AM and an executor
     assert set(app_processes(lab, app_id)) <= {"sg-host1", "sg-host2"} and app_processes(lab, app_id)
@@ -162,7 +166,9 @@ async def test_eager_kernel_queue_restart_and_sigkill(lab, managers, yarn_lab, y
     assert (app["name"], app["state"], app["queue"]) == (km.kernel_id, "RUNNING", "root.q1")
     args = submit_args(log_text(km))
     assert args[args.index("--queue") + 1] == "q1" and "--proxy-user" not in args
-    assert f"spark.yarn.tags={yarn.GATEWAY_TAG},{yarn.gateway_tag()},{km.kernel_id}" in args
+    assert (
+        f"spark.yarn.tags={yarn.GATEWAY_TAG},{yarn.gateway_tag(km.provisioner.yarn_gateway_id)},{km.kernel_id}" in args
+    )
     out = (await execute(km, "print(spark.range(5).count())", timeout=CELL_BOUND))[0]
     assert out.strip().splitlines()[-1] == "5"
     assert out.startswith(f"Spark application {app_id} ({km.kernel_id}) on yarn; Spark UI: http")
@@ -209,7 +215,7 @@ async def test_orphaned_application_is_killed_through_the_rm(lab, managers, yarn
         "from pyspark.sql import SparkSession; import time\n"
         "s = SparkSession.builder.getOrCreate(); print('up', flush=True); time.sleep(600)"
     )
-    submit = f"--master yarn --name {ghost} {SMALL} {yarn.submit_conf(ghost)} pyspark-shell"
+    submit = f"--master yarn --name {ghost} {SMALL} {yarn.submit_conf(ghost, yarn.default_gateway_id())} pyspark-shell"
     import subprocess
     import sys
 

@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import getpass
 import shlex
+import socket
 from pathlib import Path
 
 import pytest
 
 from spark_gateway import yarn
+from spark_gateway.config import GatewayOptions
 from testlab.yarn_lab import site_xml
 
 
@@ -41,11 +44,20 @@ def test_conf_dirs_prefer_the_spec_then_the_gateway_environment(tmp_path: Path) 
     assert yarn.conf_dirs({}, {"YARN_CONF_DIR": str(tmp_path)}) == [tmp_path]
 
 
-def test_tags_orphans_and_queues(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gateway_id_trait_reads_its_environment_lazily(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SG_YARN_GATEWAY_ID", raising=False)
+    assert (
+        GatewayOptions().yarn_gateway_id == yarn.default_gateway_id() == f"{getpass.getuser()}@{socket.gethostname()}"
+    )
     monkeypatch.setenv("SG_YARN_GATEWAY_ID", "GW 1")
-    gateway = yarn.gateway_tag()
+    assert GatewayOptions().yarn_gateway_id == "GW 1"
+    assert GatewayOptions(yarn_gateway_id="gw-2").yarn_gateway_id == "gw-2"  # configuration wins
+
+
+def test_tags_orphans_and_queues() -> None:
+    gateway = yarn.gateway_tag("GW 1")
     assert gateway == "sg-gateway:gw_1"
-    words = shlex.split(yarn.submit_conf("k-1"))
+    words = shlex.split(yarn.submit_conf("k-1", "GW 1"))
     assert words == ["--conf", "spark.yarn.maxAppAttempts=1", "--conf", f"spark.yarn.tags=spark_gateway,{gateway},k-1"]
     apps = [
         {"id": "a1", "applicationTags": f"k-1,spark_gateway,{gateway}"},  # live kernel
