@@ -222,7 +222,7 @@ class GatewayOptions(SshOptions, AccessOptions, CallbackOptions):
     )
     impersonation_enabled = Bool(
         config=True,
-        help="Run kernels as KERNEL_USERNAME: sudo -n -u for every spec, plus --proxy-user for YARN Spark specs "
+        help="Run kernels as KERNEL_USERNAME (sudo -n -u), for every spec; a YARN application is then that user's "
         "(GP_IMPERSONATION_ENABLED).",
     )
 
