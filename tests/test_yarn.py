@@ -266,7 +266,7 @@ def ghost_driver(host: LabHost, yarn_lab: YarnLab, kernel_id: str, gateway_id: s
         "from pyspark.sql import SparkSession; import time\n"
         "s = SparkSession.builder.getOrCreate(); print('up', flush=True); time.sleep(600)"
     )
-    submit = f"--master yarn --name {kernel_id} {SMALL} --num-executors 0 {yarn.submit_conf(kernel_id, gateway_id)}"
+    submit = f"--master yarn --name {kernel_id} {SMALL} {yarn.submit_conf(kernel_id, gateway_id)}"
     return subprocess.Popen(
         [*host._nsenter(), "env", f"HADOOP_CONF_DIR={yarn_lab.conf_dir}", f"SPARK_HOME={SPARK_HOME}",
          f"PYSPARK_SUBMIT_ARGS={submit} pyspark-shell", sys.executable, "-c", code],
@@ -274,9 +274,15 @@ def ghost_driver(host: LabHost, yarn_lab: YarnLab, kernel_id: str, gateway_id: s
     )  # fmt: skip
 
 
-async def running_app(yarn_lab: YarnLab, kernel_id: str) -> str:
-    """The id of the application of `kernel_id`, once RUNNING."""
-    return (await until(lambda: (a := rm_app(yarn_lab, kernel_id)) and a["state"] == "RUNNING" and a, CELL_BOUND))["id"]
+async def running_app(yarn_lab: YarnLab, kernel_id: str, driver: subprocess.Popen[bytes] | None = None) -> str:
+    """The id of the application of `kernel_id`, once RUNNING (failing at once if its `driver` process exits)."""
+
+    def running() -> str | None:
+        assert driver is None or driver.poll() is None, f"the driver of {kernel_id} exited ({driver.returncode})"
+        app = rm_app(yarn_lab, kernel_id)
+        return app["id"] if app and app["state"] == "RUNNING" else None
+
+    return await until(running, CELL_BOUND)
 
 
 async def test_orphaned_applications_are_killed_at_the_first_launch_and_at_cleanup(lab, managers, yarn_lab, yarn_specs):
@@ -288,7 +294,7 @@ async def test_orphaned_applications_are_killed_at_the_first_launch_and_at_clean
     ghosts = [str(uuid.uuid4()), str(uuid.uuid4())]
     proc = ghost_driver(host, yarn_lab, ghosts[0], gateway_id)
     try:
-        orphan = await running_app(yarn_lab, ghosts[0])
+        orphan = await running_app(yarn_lab, ghosts[0], proc)
         km = managers("yarn_lazy", yarn_gateway_id=gateway_id)
         await km.start_kernel(env=env(KERNEL_REMOTE_HOST=host.name))
         assert (await ended(yarn_lab, lab, orphan))["state"] == "KILLED"
@@ -296,7 +302,7 @@ async def test_orphaned_applications_are_killed_at_the_first_launch_and_at_clean
         proc.kill()
         proc.wait()
         proc = ghost_driver(host, yarn_lab, ghosts[1], gateway_id)
-        later = await running_app(yarn_lab, ghosts[1])
+        later = await running_app(yarn_lab, ghosts[1], proc)
         await km.shutdown_kernel()
         assert (await ended(yarn_lab, lab, later))["state"] == "KILLED"
     finally:
@@ -311,8 +317,7 @@ async def test_gateway_start_kills_orphans_and_spares_restored_kernels(lab, yarn
     kernel, whose application keeps running, and kills the lost one's through the RM's REST API, with no kernel
     started or stopped meanwhile."""
     gateway_id = f"server-{uuid.uuid4().hex[:8]}"
-    server = ServerProcess(lab, tmp_path, [yarn_specs / "yarn_lazy"], SG_YARN_GATEWAY_ID=gateway_id,
-                           KERNEL_EXTRA_SPARK_OPTS="--num-executors 0")  # fmt: skip
+    server = ServerProcess(lab, tmp_path, [yarn_specs / "yarn_lazy"], SG_YARN_GATEWAY_ID=gateway_id)
     kept = lost = ""
     try:
         server.start()
