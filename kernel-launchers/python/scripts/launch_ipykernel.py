@@ -5,9 +5,10 @@ reports success and the gateway fails the start at once with the log tail; then 
 listener and the callback; the kernel binds right after (ZMQ clients retry until it does).
 
 With ``--spark-context-initialization-mode eager`` the SparkSession is created before the callback (its JVM boots
-while ipykernel is imported); with ``lazy`` it is created in the background once the kernel is initialised. Either
-way ``spark``, ``sc`` and ``sql`` are in the user namespace (see ``SparkSessionStarter``). The JVM is started by
-pyspark from ``PYSPARK_SUBMIT_ARGS`` (set by ``bin/run.sh`` from ``SPARK_OPTS``), split with shlex, no shell.
+and its application starts while ipykernel is imported and the kernel initialised); with ``lazy`` it is created in
+the background once the kernel is initialised. Either way ``spark``, ``sc`` and ``sql`` are in the user namespace
+(see ``SparkSessionStarter``). The JVM is started by pyspark from ``PYSPARK_SUBMIT_ARGS`` (set by ``bin/run.sh``
+from ``SPARK_OPTS``), split with shlex, no shell.
 """
 
 from __future__ import annotations
@@ -469,11 +470,6 @@ def main(argv: list[str] | None = None) -> None:
     kernel_class = import_kernel_class(args.kernel_class_name)
     from ipykernel.kernelapp import IPKernelApp
 
-    if spark is not None and mode == "eager":
-        spark.wait()
-        if spark.state == "failed":
-            sys.exit(f"error: cannot create the SparkSession (eager mode): {spark.error}")
-
     pid, pgid = os.getpid(), os.getpgid(0)
     reservation = sg_ports.PortReservation(args.port_range, len(sg_protocol.PORT_NAMES) + 1, args.ip)
     ports = reservation.ports
@@ -490,6 +486,12 @@ def main(argv: list[str] | None = None) -> None:
     hand_over_ports(app, reservation, info)
     app.initialize(["-f", str(path)])
     reservation.release()
+
+    if spark is not None and mode == "eager":  # the kernel has initialised meanwhile (no ready kernel without it)
+        spark.wait()
+        if spark.state == "failed":  # sys.stderr is ipykernel's by now: the reason goes to the kernel log
+            log.error("error: cannot create the SparkSession (eager mode): %s", spark.error)
+            sys.exit(1)
 
     # Only a kernel whose sockets are bound reports success: clients then connect at their first attempt
     # (a refused first attempt costs them ZMQ's 100 ms reconnect interval), and a kernel that cannot bind
