@@ -58,10 +58,11 @@ def bare_submit(host: LabHost, yarn: YarnLab, script: Path, *confs: str) -> floa
 
 
 async def released(yarn: YarnLab, app_id: str) -> dict[str, Any]:
-    """Wait until the RM reports `app_id` ended with no running container; its final record."""
+    """Wait until the RM reports `app_id` ended and no container process of it is left on the NodeManager hosts
+    (an ended application's record shows no running containers at once: the processes are what counts)."""
     while True:
         app = await asyncio.to_thread(yarn.app, app_id)
-        if app["state"] in ENDED and app.get("runningContainers", 0) <= 0:
+        if app["state"] in ENDED and not await asyncio.to_thread(yarn.app_containers, app_id):
             return app
         await asyncio.sleep(0.05)
 

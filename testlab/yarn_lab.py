@@ -267,6 +267,11 @@ class YarnLab:
         daemons = [p.pid for name, p in self.procs.items() if name.startswith("nm") and p.poll() is None]
         return [pid for d in daemons for pid in _children(d) if "container_" in _cmdline(pid)]
 
+    def app_containers(self, app_id: str) -> list[int]:
+        """Pids of the container processes of `app_id` still running under the NodeManagers."""
+        prefix = "container_" + app_id.removeprefix("application_") + "_"
+        return [pid for pid in self.containers() if prefix in _cmdline(pid)]
+
     # ----------------------------------------------------------------- stop
     def _stop(self, procs: list[subprocess.Popen[bytes]]) -> None:
         pids = [p.pid for p in procs if p.poll() is None]
