@@ -176,10 +176,10 @@ async def reconcile_for(
     spec_env: Mapping[str, Any] | None, live_kernels: Iterable[str], gateway_id: str, log: Any
 ) -> None:
     """On a YARN kernel's cleanup: kill this gateway's applications whose kernel is gone (that one included)."""
-    rm = resource_manager(spec_env, getpass.getuser())
-    if rm is None:
-        return
     try:
+        rm = resource_manager(spec_env, getpass.getuser())
+        if rm is None:
+            return
         for app_id in await asyncio.to_thread(reconcile, rm, set(live_kernels), gateway_tag(gateway_id)):
             log.info("killed YARN application %s: its kernel is gone", app_id)
     except YarnError as exc:
@@ -210,7 +210,11 @@ class Sweeps:
 
     async def sweep(self, spec_env: Mapping[str, Any] | None, gateway_id: str, live: set[str], log: Any) -> list[str]:
         """Kill the orphans of `gateway_id`'s tag at the spec's RM, unless that was done; the ids killed."""
-        rm = resource_manager(spec_env, getpass.getuser())
+        try:
+            rm = resource_manager(spec_env, getpass.getuser())
+        except YarnError as exc:  # e.g. a yarn-site.xml that is not XML
+            log.warning("cannot sweep orphaned YARN applications: %s", exc)
+            return []
         if rm is None or (key := (rm.url, gateway_tag(gateway_id))) in self.swept:
             return []
         self.swept.add(key)

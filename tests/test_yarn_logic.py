@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import getpass
+import logging
 import shlex
 import socket
 from pathlib import Path
@@ -70,3 +71,18 @@ def test_tags_orphans_and_queues() -> None:
     assert yarn.spec_queue("--master yarn --name x ${KERNEL_EXTRA_SPARK_OPTS}") == "default"
     assert yarn.spec_queue("--master yarn --queue q1 ${KERNEL_EXTRA_SPARK_OPTS}") == "q1"
     assert yarn.spec_queue("--queue=q2 --conf spark.yarn.queue=q3") == "q3"
+
+
+@pytest.mark.asyncio
+async def test_sweeps_skip_what_they_cannot_ask_and_wait_for_a_restore(tmp_path: Path, caplog) -> None:
+    """No Hadoop configuration: nothing to sweep; a broken one: a warning, not an exception; while a restore is under
+    way a launch does not sweep (the real RM: tests/test_yarn.py)."""
+    sweeps, log = yarn.Sweeps(), logging.getLogger("test")
+    assert await sweeps.sweep({}, "gw", set(), log) == [] and not sweeps.swept
+    (tmp_path / "yarn-site.xml").write_text("<configuration><property>")
+    with caplog.at_level(logging.WARNING):
+        assert await sweeps.sweep({"HADOOP_CONF_DIR": str(tmp_path)}, "gw", set(), log) == []
+    assert "is not valid XML" in caplog.text and not sweeps.swept
+    sweeps.restoring = True
+    sweeps.on_launch({"HADOOP_CONF_DIR": str(tmp_path)}, "gw", set(), log)
+    assert not sweeps.tasks
