@@ -17,14 +17,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+from jupyter_client import AsyncKernelManager
 
 from bench.common import bench_lab, until_ready
-from bench.spark import BARE_SCRIPT, median_ms, settle
+from bench.spark import BARE_SCRIPT, gone, median_ms, settle
 from spark_gateway.specs import SpecOptions, install
 from testlab.hostlab import LabHost
 from testlab.spark_cluster import SPARK_HOME
@@ -53,17 +57,35 @@ def bare_submit(host: LabHost, yarn: YarnLab, script: Path, *confs: str) -> floa
     return ready
 
 
-async def released(yarn: YarnLab, app_id: str) -> None:
-    """Wait until the RM reports `app_id` ended with no running container."""
+async def released(yarn: YarnLab, app_id: str) -> dict[str, Any]:
+    """Wait until the RM reports `app_id` ended and no container process of it is left on the NodeManager hosts
+    (an ended application's record shows no running containers at once: the processes are what counts)."""
     while True:
-        app = yarn.app(app_id)
-        if app["state"] in ENDED and app.get("runningContainers", 0) <= 0:
-            return
+        app = await asyncio.to_thread(yarn.app, app_id)
+        if app["state"] in ENDED and not await asyncio.to_thread(yarn.app_containers, app_id):
+            return app
         await asyncio.sleep(0.05)
 
 
+async def timed_shutdown(km: AsyncKernelManager, host: LabHost, yarn: YarnLab, app_id: str) -> dict[str, float]:
+    """Shut the kernel down; seconds from the call until the kernel's processes are gone from its host ("exit"),
+    the RM's finishedTime ("finished", the AM unregistered and its container is done) and the containers are
+    released ("shutdown")."""
+    began, wall = time.perf_counter(), time.time()
+    done = asyncio.ensure_future(km.shutdown_kernel())
+    while not await asyncio.to_thread(gone, host, km.kernel_id):  # off the loop: shutdown_kernel runs on it
+        await asyncio.sleep(0.02)
+    exited = time.perf_counter() - began
+    app = await released(yarn, app_id)
+    total = time.perf_counter() - began
+    await done
+    return {"exit": exited, "finished": app["finishedTime"] / 1000 - wall, "shutdown": total}
+
+
 async def main(runs: int) -> None:
-    times: dict[str, list[float]] = {"plain": [], "lazy": [], "eager": [], "bare": [], "shutdown": []}
+    times: dict[str, list[float]] = {
+        key: [] for key in ("plain", "lazy", "eager", "bare", "exit", "finished", "shutdown")
+    }
     with bench_lab(3) as (lab, kernels, manager):
         yarn = YarnLab.start(lab)
         try:
@@ -85,12 +107,12 @@ async def main(runs: int) -> None:
                     if key == "lazy":  # its session starts in the background: let it finish before measuring more
                         await _wait_session(km)
                     app_id = (km.provisioner.spark or {}).get("app_id")
-                    started = time.perf_counter()
-                    await km.shutdown_kernel()
-                    if app_id:
-                        await released(yarn, app_id)
-                        if key == "eager":
-                            round_["shutdown"] = time.perf_counter() - started
+                    if app_id and key == "eager":
+                        round_.update(await timed_shutdown(km, host, yarn, app_id))
+                    else:
+                        await km.shutdown_kernel()
+                        if app_id:
+                            await released(yarn, app_id)
                     await settle(host, km.kernel_id)
                 round_["bare"] = await asyncio.to_thread(bare_submit, host, yarn, script, "--conf",
                                                          f"spark.yarn.jars={JARS}")  # fmt: skip
@@ -112,6 +134,9 @@ async def main(runs: int) -> None:
           f"{uploaded * 1000:8.1f} ms   ratio {staged / uploaded:.2f}  (reported)")  # fmt: skip
     print(f"  shutdown -> application ended, containers released {median_ms(times['shutdown'])} "
           f"(max {max(times['shutdown']) * 1000:.1f} ms)  (target <= 3000 ms)")  # fmt: skip
+    print(f"    of which: kernel gone from its host {median_ms(times['exit'])}, RM finishedTime "
+          f"{median_ms(times['finished'])} (AM unregistered, its container done)")  # fmt: skip
+    print(f"  load average at the end: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
 
 
 async def _wait_session(km: object, timeout: float = 300.0) -> None:

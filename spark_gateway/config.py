@@ -17,6 +17,7 @@ from traitlets.config import LoggingConfigurable
 
 from .placement import ALGORITHMS, check_algorithm, parse_hosts
 from .ssh import SshSettings
+from .yarn import default_gateway_id
 
 
 def env_list(name: str, fallback: list[str]) -> list[str]:
@@ -221,7 +222,7 @@ class GatewayOptions(SshOptions, AccessOptions, CallbackOptions):
     )
     impersonation_enabled = Bool(
         config=True,
-        help="Run kernels as KERNEL_USERNAME: sudo -n -u for every spec, plus --proxy-user for YARN Spark specs "
+        help="Run kernels as KERNEL_USERNAME (sudo -n -u), for every spec; a YARN application is then that user's "
         "(GP_IMPERSONATION_ENABLED).",
     )
 
@@ -229,6 +230,11 @@ class GatewayOptions(SshOptions, AccessOptions, CallbackOptions):
         config=True,
         help="Seconds a kernel nobody polls (its gateway gone) runs before it shuts itself down; 0: never "
         "(GP_ORPHAN_TIMEOUT; default: 1800).",
+    )
+    yarn_gateway_id = Unicode(
+        config=True,
+        help="This gateway's id in the YARN tag of its kernels' applications, sg-gateway:<id> (SG_YARN_GATEWAY_ID; "
+        "default: <user>@<host name>); gateways sharing an account, a host and a ResourceManager need distinct ids.",
     )
     max_kernels_per_user = Integer(
         config=True,
@@ -238,6 +244,10 @@ class GatewayOptions(SshOptions, AccessOptions, CallbackOptions):
     @default("orphan_timeout")
     def _orphan_default(self) -> float:
         return env_float("GP_ORPHAN_TIMEOUT", 1800.0)
+
+    @default("yarn_gateway_id")
+    def _yarn_gateway_id_default(self) -> str:
+        return os.environ.get("SG_YARN_GATEWAY_ID") or default_gateway_id()
 
     @default("max_kernels_per_user")
     def _max_per_user_default(self) -> int:

@@ -19,7 +19,7 @@ from typing import Any
 
 from traitlets.config import SingletonConfigurable
 
-from . import callback, limits
+from . import callback, limits, yarn
 from .config import CallbackOptions
 from .errors import ProvisionerError
 from .health import Health
@@ -95,6 +95,7 @@ class Gateway(SingletonConfigurable):
         self.selector = HostSelector()
         self.callback_forwards = CallbackForwards()
         self.kernel_ids: set[str] = set()  # the kernels this gateway runs (YARN reconciliation)
+        self.yarn_sweeps = yarn.Sweeps()  # YARN orphans of an earlier run, killed once per RM
         self.user_launches = limits.UserLaunches()  # launches admitted under max_kernels_per_user, still starting
         self._clusters: dict[tuple, Cluster] = {}
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopState] = weakref.WeakKeyDictionary()

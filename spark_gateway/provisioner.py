@@ -118,6 +118,10 @@ class DistributedProvisioner(GatewayOptions, KernelProvisionerBase):  # type: ig
         """
         request = LaunchRequest.build(self.kernel_id, self.kernel_spec, kwargs.get("env") or {}, cmd, self)
         self.gateway.kernel_ids.add(self.kernel_id)
+        if self._yarn:  # the gateway's first YARN kernel: orphans of an earlier run are killed (yarn.Sweeps)
+            self.gateway.yarn_sweeps.on_launch(
+                self.kernel_spec.env, self.yarn_gateway_id, self.gateway.kernel_ids, self.log
+            )
         try:
             if self.max_kernels_per_user > 0:
                 try:
@@ -465,8 +469,8 @@ class DistributedProvisioner(GatewayOptions, KernelProvisionerBase):  # type: ig
         self.remote_ports = None
         self.spark_watch.stop()
         self.gateway.kernel_ids.discard(self.kernel_id or "")
-        if spec_master(str((self.kernel_spec.env or {}).get("SPARK_OPTS", ""))) == "yarn":
-            await yarn.reconcile_for(self.kernel_spec.env or {}, set(self.gateway.kernel_ids), self.log)
+        if self._yarn:
+            await yarn.reconcile_for(self.kernel_spec.env, self.gateway.kernel_ids, self.yarn_gateway_id, self.log)
         self._restart_host = entry if restart else None
         self._close_control()
         self.host = self.pid = self.pgid = self.listener = self.launched_pid = None
@@ -515,6 +519,7 @@ class DistributedProvisioner(GatewayOptions, KernelProvisionerBase):  # type: ig
         self.skipped = provisioner_info.get("skipped", [])
         self.remote_ports = provisioner_info.get("remote_ports")
         self.launched_pid, self.run_user = provisioner_info.get("launched_pid"), provisioner_info.get("run_user")
+        self.gateway.kernel_ids.add(self.kernel_id)  # a restored kernel runs: its YARN application is not an orphan
         if self._tunnels is not None:  # a previous attempt's forwards
             self._tunnels.close()
             self._tunnels = None
@@ -534,6 +539,10 @@ class DistributedProvisioner(GatewayOptions, KernelProvisionerBase):  # type: ig
     def get_stable_start_time(self, recommended: float = 10.0) -> float:
         """Called by the restarter: a kernel is stable once it has lived this long (at least launch_timeout)."""
         return max(recommended, self.launch_timeout)
+
+    @property
+    def _yarn(self) -> bool:
+        return spec_master(str((self.kernel_spec.env or {}).get("SPARK_OPTS", ""))) == "yarn"
 
     @property
     def spark(self) -> dict[str, Any] | None:

@@ -68,13 +68,14 @@ class LaunchRequest:
                     raise ProvisionerError(500, f"kernelspec {spec.display_name!r}: {exc}") from None
                 words[name] = spec_value(template, values)
         if master == "yarn" and "SPARK_OPTS" in words:
-            words["SPARK_OPTS"] += shlex.quote(yarn.submit_conf(kernel_id))  # tags, one attempt (yarn.py)
+            tags = yarn.submit_conf(kernel_id, options.yarn_gateway_id)  # tags, one attempt (yarn.py)
+            words["SPARK_OPTS"] += shlex.quote(tags)
         run_as = None
-        if options.impersonation_enabled:  # every kernel runs as its user; a YARN application is theirs too
+        # Impersonation: every kernel runs as its user (sudo), so its YARN application is theirs by the process's own
+        # identity. No --proxy-user: Hadoop would then require the user to hold the right to impersonate themself.
+        if options.impersonation_enabled:
             words["GP_IMPERSONATION_ENABLED"] = "True"
             run_as = username
-            if master == "yarn" and "SPARK_OPTS" in words:
-                words["SPARK_OPTS"] += shlex.quote(f" --proxy-user {username}")  # a checked name: one token
         mode = argv[argv.index(INIT_FLAG) + 1] if INIT_FLAG in argv[:-1] else "none"
         return cls(
             kernel_id=kernel_id,

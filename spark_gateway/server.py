@@ -30,7 +30,9 @@ from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelMana
 from jupyter_server.utils import ApiPath
 from traitlets import Bool, Type, Unicode, default
 
+from .gateway import Gateway
 from .provisioner import DistributedProvisioner
+from .spark import spec_master
 from .ssh import SshError
 
 RECORD_VERSION = 1
@@ -144,6 +146,7 @@ class DistributedMappingKernelManager(AsyncMappingKernelManager):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.store = self.session_store_class.create(self)
+        Gateway.instance().yarn_sweeps.restoring = True  # no YARN sweep before the recorded kernels are known
         self.restoring: dict[str, asyncio.Task] = {}
         self.restored: asyncio.Future | None = None
         with contextlib.suppress(RuntimeError):  # no loop yet (e.g. built outside a server): restore_sessions()
@@ -206,10 +209,16 @@ class DistributedMappingKernelManager(AsyncMappingKernelManager):
 
     # ------------------------------------------------------------------ restoring
     async def restore_sessions(self) -> None:
-        """Adopt every recorded kernel that still answers; clean up the others."""
-        records = await asyncio.get_running_loop().run_in_executor(None, self.store.load_all)
+        """Adopt every recorded kernel that still answers; clean up the others; then sweep YARN (`sweep_yarn`)."""
+        try:
+            records = await asyncio.get_running_loop().run_in_executor(None, self.store.load_all)
+        except BaseException:
+            Gateway.instance().yarn_sweeps.restoring = False
+            raise
         if records:
             self.log.info("restoring %d recorded kernel session(s)", len(records))
+        # recorded kernels count as running until found gone (a cleanup meanwhile must not kill their applications)
+        Gateway.instance().kernel_ids.update(records)
         for kernel_id, record in records.items():
             if kernel_id not in self._kernels:
                 self.restoring[kernel_id] = asyncio.ensure_future(self._restore(kernel_id, record))
@@ -218,6 +227,25 @@ class DistributedMappingKernelManager(AsyncMappingKernelManager):
             for kernel_id, outcome in zip(list(self.restoring), outcomes, strict=False):
                 if isinstance(outcome, Exception):
                     self.log.error("kernel %s could not be restored: %r", kernel_id, outcome)
+        await self.sweep_yarn()
+
+    async def sweep_yarn(self) -> None:
+        """Kill the YARN applications of this gateway's tag whose kernels it does not run, at the ResourceManager of
+        every YARN kernelspec (`yarn.Sweeps`; an unreachable RM is a warning, swept again at its next launch)."""
+        gateway = Gateway.instance()
+        gateway.yarn_sweeps.restoring = False
+        factory = KernelProvisionerFactory.instance(parent=self)
+        for name in sorted(self.kernel_spec_manager.find_kernel_specs()):
+            try:
+                spec = self.kernel_spec_manager.get_kernel_spec(name)
+                if spec_master(str((spec.env or {}).get("SPARK_OPTS", ""))) != "yarn":
+                    continue
+                provisioner = factory.create_provisioner_instance(f"yarn-sweep-{name}", spec, parent=self)
+            except Exception as exc:  # noqa: BLE001 (a broken kernelspec fails its own starts, not this sweep)
+                self.log.warning("kernelspec %s not swept for YARN orphans: %s", name, exc)
+                continue
+            if isinstance(provisioner, DistributedProvisioner):
+                await gateway.yarn_sweeps.sweep(spec.env, provisioner.yarn_gateway_id, gateway.kernel_ids, self.log)
 
     def _new_manager(self, kernel_id: str, record: dict[str, Any]) -> Any:
         km, _, _ = self.pre_start_kernel(record.get("kernel_name"), {"kernel_id": kernel_id})

@@ -38,7 +38,7 @@ CONTROLLED_OPTIONS = {
     "--master": "the kernelspec's SPARK_OPTS sets the master",
     "--deploy-mode": "kernels are Spark drivers in client mode",
     "--name": "the application is named after the kernel id",
-    "--proxy-user": "the gateway sets it when impersonation is enabled",
+    "--proxy-user": "impersonation (the gateway's) runs the kernel as its user",
     "--principal": "credentials are the gateway's to configure",
     "--keytab": "credentials are the gateway's to configure",
     "--properties-file": "it could override the options the gateway controls",

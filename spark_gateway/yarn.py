@@ -1,8 +1,9 @@
 """YARN client mode: what the gateway adds to a YARN kernel's spark-submit, and a small ResourceManager REST client.
 
 Every YARN application a kernel starts carries three tags (`spark.yarn.tags`): ``spark_gateway``, the gateway's own
-tag ``sg-gateway:<id>`` (id: `SG_YARN_GATEWAY_ID`, default ``<user>@<host name>`` of the gateway process; gateways
-run by one account on one host against one ResourceManager must set distinct ids) and the kernel id; and it is
+tag ``sg-gateway:<id>`` (id: the provisioner's `yarn_gateway_id`, env `SG_YARN_GATEWAY_ID`, default
+``<user>@<host name>`` of the gateway process: `default_gateway_id`; gateways run by one account on one host against
+one ResourceManager must set distinct ids) and the kernel id; and it is
 attempted once (`spark.yarn.maxAppAttempts=1`: Jupyter's restarter restarts kernels, YARN must not restart their
 ApplicationMaster behind the gateway's back).
 Reconciliation (`reconcile`) kills, through the RM's REST API (``PUT /ws/v1/cluster/apps/{id}/state``), every live
@@ -42,15 +43,19 @@ class YarnError(RuntimeError):
     """The ResourceManager could not be found or asked; the message says which and why."""
 
 
-def gateway_tag() -> str:
-    """This gateway's YARN tag (lowercase ASCII, as YARN stores tags)."""
-    name = os.environ.get("SG_YARN_GATEWAY_ID") or f"{getpass.getuser()}@{socket.gethostname()}"
-    return GATEWAY_ID_PREFIX + re.sub(r"[^a-z0-9@._-]", "_", name.lower())[:80]
+def default_gateway_id() -> str:
+    """``<user>@<host name>`` of the gateway process: `yarn_gateway_id` when SG_YARN_GATEWAY_ID is unset."""
+    return f"{getpass.getuser()}@{socket.gethostname()}"
 
 
-def submit_conf(kernel_id: str) -> str:
+def gateway_tag(gateway_id: str) -> str:
+    """The YARN tag of the gateway of id `gateway_id` (lowercase ASCII, as YARN stores tags)."""
+    return GATEWAY_ID_PREFIX + re.sub(r"[^a-z0-9@._-]", "_", gateway_id.lower())[:80]
+
+
+def submit_conf(kernel_id: str, gateway_id: str) -> str:
     """spark-submit options the gateway appends to a YARN kernel's SPARK_OPTS (last, so they win)."""
-    tags = f"{GATEWAY_TAG},{gateway_tag()},{kernel_id}"
+    tags = f"{GATEWAY_TAG},{gateway_tag(gateway_id)},{kernel_id}"
     return f" --conf spark.yarn.maxAppAttempts=1 --conf {shlex.quote(f'spark.yarn.tags={tags}')}"
 
 
@@ -158,9 +163,8 @@ def orphans(apps: Iterable[Mapping[str, Any]], live_kernels: Iterable[str], gate
     return [str(a["id"]) for a in apps if (k := kernel_of(a, gateway)) is not None and k not in live]
 
 
-def reconcile(rm: ResourceManager, live_kernels: Iterable[str]) -> list[str]:
-    """Kill this gateway's live applications whose kernel is not in `live_kernels`; return their ids."""
-    gateway = gateway_tag()
+def reconcile(rm: ResourceManager, live_kernels: Iterable[str], gateway: str) -> list[str]:
+    """Kill the live applications of gateway tag `gateway` whose kernel is not in `live_kernels`; their ids."""
     killed = []
     for app_id in orphans(rm.apps(gateway), live_kernels, gateway):
         rm.kill(app_id)
@@ -168,21 +172,66 @@ def reconcile(rm: ResourceManager, live_kernels: Iterable[str]) -> list[str]:
     return killed
 
 
-async def reconcile_for(spec_env: Mapping[str, Any], live_kernels: Iterable[str], log: Any) -> None:
+async def reconcile_for(
+    spec_env: Mapping[str, Any] | None, live_kernels: Iterable[str], gateway_id: str, log: Any
+) -> None:
     """On a YARN kernel's cleanup: kill this gateway's applications whose kernel is gone (that one included)."""
-    rm = resource_manager(spec_env, getpass.getuser())
-    if rm is None:
-        return
     try:
-        for app_id in await asyncio.to_thread(reconcile, rm, live_kernels):
+        rm = resource_manager(spec_env, getpass.getuser())
+        if rm is None:
+            return
+        for app_id in await asyncio.to_thread(reconcile, rm, set(live_kernels), gateway_tag(gateway_id)):
             log.info("killed YARN application %s: its kernel is gone", app_id)
     except YarnError as exc:
         log.warning("cannot reconcile YARN applications: %s", exc)
 
 
-def resource_manager(spec_env: Mapping[str, Any], user: str = "") -> ResourceManager | None:
+class Sweeps:
+    """The start-up sweeps of one gateway process: once per (ResourceManager, gateway tag), the live applications of
+    that tag whose kernel this gateway does not run are killed (left by a killed gateway, or by a kernel whose host
+    was away when the gateway restarted and which it forgot).
+
+    A sweep runs when the gateway first launches a kernel of a YARN spec (in the background), and, under
+    `spark_gateway.server.DistributedMappingKernelManager`, for every YARN kernelspec once its recorded sessions are
+    restored. While `restoring`, launches do not sweep: the restored kernels are not known yet.
+    """
+
+    def __init__(self) -> None:
+        self.restoring = False
+        self.swept: set[tuple[str, str]] = set()
+        self.tasks: set[asyncio.Task] = set()  # launch-time sweeps still running
+
+    def on_launch(self, spec_env: Mapping[str, Any] | None, gateway_id: str, live: set[str], log: Any) -> None:
+        """A kernel of a YARN spec is launched (`live`: the gateway's kernel ids, that one included)."""
+        if not self.restoring:
+            task = asyncio.ensure_future(self.sweep(spec_env, gateway_id, live, log))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def sweep(self, spec_env: Mapping[str, Any] | None, gateway_id: str, live: set[str], log: Any) -> list[str]:
+        """Kill the orphans of `gateway_id`'s tag at the spec's RM, unless that was done; the ids killed."""
+        try:
+            rm = resource_manager(spec_env, getpass.getuser())
+        except YarnError as exc:  # e.g. a yarn-site.xml that is not XML
+            log.warning("cannot sweep orphaned YARN applications: %s", exc)
+            return []
+        if rm is None or (key := (rm.url, gateway_tag(gateway_id))) in self.swept:
+            return []
+        self.swept.add(key)
+        try:
+            killed = await asyncio.to_thread(reconcile, rm, set(live), key[1])
+        except YarnError as exc:
+            self.swept.discard(key)  # tried again at the next launch
+            log.warning("cannot sweep orphaned YARN applications (%s): %s", key[1], exc)
+            return []
+        for app_id in killed:
+            log.info("killed YARN application %s (%s): no kernel of this gateway runs it", app_id, key[1])
+        return killed
+
+
+def resource_manager(spec_env: Mapping[str, Any] | None, user: str = "") -> ResourceManager | None:
     """The RM a YARN spec's kernels use, if the gateway can read its Hadoop configuration."""
-    url = rm_web_url(conf_dirs(spec_env, os.environ))
+    url = rm_web_url(conf_dirs(spec_env or {}, os.environ))
     return ResourceManager(url, user) if url else None
 
 

@@ -45,11 +45,15 @@ def _free_uids(count: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def lab_accounts(host: LabHost, gateway: str, users: list[str], authorized_keys: Path) -> Iterator[Accounts]:
+def lab_accounts(
+    host: LabHost, gateway: str, users: list[str], authorized_keys: Path, visible: tuple[Path, ...] = ()
+) -> Iterator[Accounts]:
     """`gateway` (may `sudo -u` any of `users`, nothing else) and `users`, on `host` only (netns lab).
 
     sshd reads `authorized_keys` (the lab's, shared by every account) with the logging-in user's rights, so the
-    lab directory is made traversable (not listable) and that file readable meanwhile.
+    lab directory is made traversable (not listable) and that file readable meanwhile. When our Python is under
+    root's 0700 home, the host gets a /root the users may enter, showing only what they need: the Python's top
+    directory there and those of `visible` (e.g. the YARN jars a NodeManager on that host still has to read).
     """
     base = Path(tempfile.mkdtemp(prefix="sg-accounts-"))
     base.chmod(0o755)
@@ -76,11 +80,14 @@ def lab_accounts(host: LabHost, gateway: str, users: list[str], authorized_keys:
         mounts.append((base / name, f"/etc/{name}"))
     python = Path(os.path.realpath(sys.executable))
     if python.is_relative_to("/root"):  # e.g. pyenv under root's 0700 home: give the host a /root others may enter
-        top = Path("/root", python.relative_to("/root").parts[0])
         shown = base / "root"
-        (shown / top.name).mkdir(parents=True)
+        tops = dict.fromkeys(Path("/root", p.relative_to("/root").parts[0]) for p in (python, *visible)
+                             if p.is_relative_to("/root") and p != Path("/root"))  # fmt: skip
+        for top in tops:
+            (shown / top.name).mkdir(parents=True)
+            mounts.append((top, str(shown / top.name)))
         shown.chmod(0o711)
-        mounts += [(top, str(shown / top.name)), (shown, "/root")]
+        mounts.append((shown, "/root"))
     done: list[str] = []
     modes = {path: path.stat().st_mode & 0o7777 for path in (authorized_keys.parent, authorized_keys)}
     try:

@@ -8,8 +8,8 @@ cluster hosts as in production; in loopback mode all daemons run on 127.0.0.1 (o
 
 Sized for a 2-core machine: each NodeManager declares 8 GiB and 8 vcores (memory and CPU are not enforced:
 vmem/pmem checks off), the disk health checker accepts full disks, and the capacity scheduler lets AMs use the
-whole queue. Queues: `default` and `q1`. The gateway's account (root) may impersonate anyone
-(`hadoop.proxyuser.root.*`). Staging is on the local filesystem (`file:///`), which all lab hosts share.
+whole queue. Queues: `default` and `q1`. No account holds a `hadoop.proxyuser.*` right: impersonated kernels run
+as their user (sudo) and need none. Staging is on the local filesystem (`file:///`), which all lab hosts share.
 
     yarn = YarnLab.start(lab)        # or the session fixture `yarn_lab`
     yarn.conf_dir                    # HADOOP_CONF_DIR / YARN_CONF_DIR for clients (kernels, spark-submit)
@@ -120,9 +120,6 @@ class YarnLab:
         return {
             "fs.defaultFS": "file:///",
             "hadoop.tmp.dir": str(self.dir / "tmp"),
-            "hadoop.proxyuser.root.hosts": "*",
-            "hadoop.proxyuser.root.groups": "*",
-            "hadoop.proxyuser.root.users": "*",
             "ipc.client.connect.max.retries": "2",
             "ipc.client.connect.retry.interval": "200",
         }
@@ -269,6 +266,11 @@ class YarnLab:
         """Pids of container processes (AMs, executors) the NodeManagers run."""
         daemons = [p.pid for name, p in self.procs.items() if name.startswith("nm") and p.poll() is None]
         return [pid for d in daemons for pid in _children(d) if "container_" in _cmdline(pid)]
+
+    def app_containers(self, app_id: str) -> list[int]:
+        """Pids of the container processes of `app_id` still running under the NodeManagers."""
+        prefix = "container_" + app_id.removeprefix("application_") + "_"
+        return [pid for pid in self.containers() if prefix in _cmdline(pid)]
 
     # ----------------------------------------------------------------- stop
     def _stop(self, procs: list[subprocess.Popen[bytes]]) -> None:

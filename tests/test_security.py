@@ -130,8 +130,10 @@ async def test_kernels_of_two_users_are_isolated_from_each_other_and_the_gateway
     assert out.split() == ["alice", "denied", bobs_file, "denied", str(accounts.home(GATEWAY) / "secret")]
 
 
-async def test_a_yarn_kernel_runs_as_its_user_with_proxy_user(accounts, as_gateway):
-    """YARN specs too run under sudo -u (the JVM can then use nothing of the gateway account's), plus --proxy-user."""
+async def test_a_yarn_kernel_runs_as_its_user(accounts, as_gateway):
+    """YARN specs too run under sudo -u (the JVM can then use nothing of the gateway account's), without --proxy-user
+    (alice's JVM is alice to Hadoop; proxying would need her to hold the right to impersonate herself: see
+    tests/test_yarn.py against a real ResourceManager)."""
     km = as_gateway("yarn_lazy")
     await start(km, accounts, "alice")
     log = Path(km.provisioner.log_file)
@@ -140,7 +142,7 @@ async def test_a_yarn_kernel_runs_as_its_user_with_proxy_user(accounts, as_gatew
         return [line for line in log.read_text(errors="replace").splitlines() if line.startswith("Spark Command:")]
 
     assert await eventually(lambda: bool(submitted()), 60), log.read_text(errors="replace")
-    assert "--proxy-user alice" in submitted()[0]
+    assert "--proxy-user" not in submitted()[0]
     assert owners(accounts, km.kernel_id).keys() == {"root", "alice"}
     out, reply = await execute(km, "import getpass; print(getpass.getuser())")
     assert out.strip() == "alice"

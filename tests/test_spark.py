@@ -136,7 +136,10 @@ def submit_args(log: str) -> list[str]:
 def without_yarn_confs(args: list[str], kernel_id: str) -> list[str]:
     """`args` less the confs the gateway adds to every YARN kernel (asserted present: one attempt, tags)."""
     args = list(args)
-    for conf in ("spark.yarn.maxAppAttempts=1", f"spark.yarn.tags={yarn.GATEWAY_TAG},{yarn.gateway_tag()},{kernel_id}"):
+    for conf in (
+        "spark.yarn.maxAppAttempts=1",
+        f"spark.yarn.tags={yarn.GATEWAY_TAG},{yarn.gateway_tag(yarn.default_gateway_id())},{kernel_id}",
+    ):
         i = args.index(conf)
         assert args[i - 1] == "--conf", args
         del args[i - 1 : i + 1]
@@ -299,7 +302,7 @@ async def test_interrupt_cancels_the_running_job_and_the_kernel_stays_usable(lab
 
 async def test_yarn_client_command_and_unreachable_resource_manager(lab, managers, spark_specs, lab_user):
     """Eager: start_kernel fails fast with spark-submit's error. Lazy: ready, then `spark` raises that error.
-    The eager kernel impersonates the lab user: it runs as that user (sudo), with --proxy-user."""
+    The eager kernel impersonates the lab user: it runs as that user (sudo), without --proxy-user."""
     host, user, base = lab_user
     spec = shutil.copytree(spark_specs / "yarn_eager", base / "kernels" / "yarn_eager")
     data = json.loads((spec / "kernel.json").read_text())
@@ -325,7 +328,7 @@ async def test_yarn_client_command_and_unreachable_resource_manager(lab, manager
     assert "localhost:9 failed on connection exception" in message  # Hadoop names 127.0.0.1 so
     assert without_yarn_confs(submit_args(log_text(eager)), eager.kernel_id) == [
         "--master", "yarn", "--deploy-mode", "client", "--conf", "spark.executor.memory=1g",
-        "--name", eager.kernel_id, "--num-executors", "2", "--proxy-user", user, "pyspark-shell",
+        "--name", eager.kernel_id, "--num-executors", "2", "pyspark-shell",
     ]  # fmt: skip
     assert kernel_processes(host, eager.kernel_id) == []
 

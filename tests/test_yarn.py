@@ -10,24 +10,35 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
 import time
 import urllib.request
 import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
+from jupyter_client import AsyncKernelManager
+from jupyter_client.kernelspec import KernelSpecManager
 
 from spark_gateway import yarn
 from spark_gateway.specs import SpecOptions, install
 from testlab.hostlab import HostLab, LabHost
+from testlab.jupyter_rest import run_code
+from testlab.lab_accounts import Accounts, lab_accounts
+from testlab.server_process import ServerProcess
 from testlab.spark_cluster import SPARK_HOME
-from testlab.yarn_lab import YarnLab, site_xml
-from tests.conftest import env, execute, kernel_processes
+from testlab.yarn_lab import YarnLab, jars_dir, site_xml
+from tests.conftest import env, execute, gateway_config, kernel_processes
 from tests.test_scala_kernel import SPARK35_HOME, TOREE_JAR, needs_spark35
 from tests.test_scala_kernel import client as scala_client
 from tests.test_scala_kernel import execute as scala_execute
+from tests.test_security import GATEWAY, owners
 from tests.test_spark import log_text, submit_args, until
 from tests.test_sshspec import kernel_json, sshspec, tables
 
@@ -44,9 +55,8 @@ CELL_BOUND = 600.0
 END_BOUND = 60.0  # seconds from a kernel's end (shutdown, restart, SIGKILL) to its application's end, containers gone
 
 
-@pytest.fixture(scope="module")
-def yarn_specs(kernels_dir: Path, yarn_lab: YarnLab) -> Path:
-    """`yarn_lazy` and `yarn_eager` specs (spark_gateway.specs) naming the lab's Hadoop configuration."""
+def install_yarn_specs(kernels_dir: Path, yarn_lab: YarnLab) -> Path:
+    """`yarn_lazy` and `yarn_eager` specs (spark_gateway.specs) in `kernels_dir`, naming the lab's Hadoop conf."""
     for mode in ("lazy", "eager"):
         opts, _ = SpecOptions(spark=True, spark_master="yarn", spark_init_mode=mode, kernel_name=f"yarn_{mode}",
                               spark_home=SPARK_HOME, extra_spark_opts=SMALL,
@@ -57,6 +67,47 @@ def yarn_specs(kernels_dir: Path, yarn_lab: YarnLab) -> Path:
                            SPARK_PRINT_LAUNCH_COMMAND="1")  # fmt: skip
         (path / "kernel.json").write_text(json.dumps(data))
     return kernels_dir
+
+
+@pytest.fixture(scope="module")
+def yarn_specs(kernels_dir: Path, yarn_lab: YarnLab) -> Path:
+    """The YARN specs in the session's kernels directory."""
+    return install_yarn_specs(kernels_dir, yarn_lab)
+
+
+@pytest.fixture(scope="module")
+def yarn_accounts(lab: HostLab, yarn_lab: YarnLab) -> Iterator[Accounts]:
+    """`sggw` (the gateway's SSH account, may `sudo -u` alice and bob) and alice and bob on lab host 2, a NodeManager
+    host (which must keep seeing its jars), with the YARN specs where all of them can read them (lab_accounts.py)."""
+    if lab.mode != "netns":
+        pytest.skip("accounts private to one host need the lab's netns mode (root)")
+    keys = lab.dir / "authorized_keys"
+    with lab_accounts(lab.hosts[1], GATEWAY, ["alice", "bob"], keys, visible=(jars_dir(),)) as made:
+        kernels = install_yarn_specs(made.base / "kernels", yarn_lab)
+        for path in sorted(kernels.rglob("*")) + [kernels]:
+            path.chmod(0o755 if path.is_dir() or os.access(path, os.X_OK) else 0o644)
+        yield made
+
+
+@pytest_asyncio.fixture
+async def as_sggw(lab: HostLab, yarn_accounts: Accounts) -> AsyncIterator[Callable[..., AsyncKernelManager]]:
+    """Kernel managers of a gateway that logs in as sggw and impersonates; kernels still up are shut down."""
+    made: list[AsyncKernelManager] = []
+
+    def make(kernel_name: str) -> AsyncKernelManager:
+        options = {"remote_user": GATEWAY, "impersonation_enabled": True, "remote_hosts": [yarn_accounts.host.name]}
+        km = AsyncKernelManager(
+            kernel_name=kernel_name,
+            kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(yarn_accounts.base / "kernels")]),
+            config=gateway_config(lab, **options),
+        )
+        made.append(km)
+        return km
+
+    yield make
+    for km in made:
+        if km.has_kernel:
+            await km.shutdown_kernel(now=True)
 
 
 def rm_app(yarn_lab: YarnLab, kernel_id: str) -> dict[str, Any] | None:
@@ -100,7 +151,11 @@ async def test_lazy_kernel_runs_jobs_on_yarn_interrupts_and_shuts_down(lab, mana
     assert set(hosts) <= {"sg-host1", "sg-host2"} and hosts  # executors ran in NodeManager containers
     app = yarn_lab.app(app_id)
     assert (app["name"], app["state"], app["queue"], app["user"]) == (km.kernel_id, "RUNNING", "root.default", "root")
-    assert set(app["applicationTags"].split(",")) == {km.kernel_id, yarn.GATEWAY_TAG, yarn.gateway_tag()}
+    assert set(app["applicationTags"].split(",")) == {
+        km.kernel_id,
+        yarn.GATEWAY_TAG,
+        yarn.gateway_tag(km.provisioner.yarn_gateway_id),
+    }
     assert app["amHostHttpAddress"].split(":")[0] in ("sg-host1", "sg-host2")
     assert app["runningContainers"] >= 2  # the AM and an executor
     assert set(app_processes(lab, app_id)) <= {"sg-host1", "sg-host2"} and app_processes(lab, app_id)
@@ -150,28 +205,32 @@ def _has_running_job(yarn_lab: YarnLab, app_id: str) -> bool:
         return False
 
 
-async def test_eager_kernel_queue_restart_and_sigkill(lab, managers, yarn_lab, yarn_specs):
-    """Eager, for alice, in queue q1; restart and SIGKILL end the app. (Impersonation now runs the kernel itself
-    under `sudo -u`, which needs alice on the host: tests/test_spark.py covers it with a host-local user.)"""
-    host = lab.hosts[1]
-    km = managers("yarn_eager")
+async def test_eager_impersonated_kernel_in_queue_q1_restart_and_sigkill(lab, yarn_lab, yarn_accounts, as_sggw):
+    """Eager, impersonating alice (the gateway logs in as sggw: `sudo -n -u alice` on the host), in queue q1: the
+    application is alice's in the RM, the kernel and its driver JVM run as alice, a job runs; restart and SIGKILL
+    end the application."""
+    host = yarn_accounts.host
+    km = as_sggw("yarn_eager")
     await km.start_kernel(env=env(KERNEL_REMOTE_HOST=host.name, KERNEL_EXTRA_SPARK_OPTS="--queue q1"))
     assert km.provisioner.spark["state"] == "ready"  # the application ran before the kernel was
     app_id = km.provisioner.spark["app_id"]
     app = yarn_lab.app(app_id)
-    assert (app["name"], app["state"], app["queue"]) == (km.kernel_id, "RUNNING", "root.q1")
+    assert (app["name"], app["state"], app["queue"], app["user"]) == (km.kernel_id, "RUNNING", "root.q1", "alice")
+    assert owners(yarn_accounts, km.kernel_id) == {"root": {"sudo"}, "alice": {"python", "java"}}
     args = submit_args(log_text(km))
-    assert args[args.index("--queue") + 1] == "q1" and "--proxy-user" not in args
-    assert f"spark.yarn.tags={yarn.GATEWAY_TAG},{yarn.gateway_tag()},{km.kernel_id}" in args
-    out = (await execute(km, "print(spark.range(5).count())", timeout=CELL_BOUND))[0]
-    assert out.strip().splitlines()[-1] == "5"
+    assert args[args.index("--queue") + 1] == "q1"
+    tags = f"spark.yarn.tags={yarn.GATEWAY_TAG},{yarn.gateway_tag(km.provisioner.yarn_gateway_id)},{km.kernel_id}"
+    assert tags in args
+    code = "import getpass; print(getpass.getuser(), sc.sparkUser(), spark.range(5).count())"
+    out = (await execute(km, code, timeout=CELL_BOUND))[0]
+    assert out.strip().splitlines()[-1] == "alice alice 5"
     assert out.startswith(f"Spark application {app_id} ({km.kernel_id}) on yarn; Spark UI: http")
 
     await km.restart_kernel()
     assert (await ended(yarn_lab, lab, app_id))["state"] in ("FINISHED", "KILLED")
     second = km.provisioner.spark["app_id"]
     assert second != app_id and yarn_lab.app(second)["state"] == "RUNNING"
-    assert yarn_lab.app(second)["name"] == km.kernel_id
+    assert (yarn_lab.app(second)["name"], yarn_lab.app(second)["user"]) == (km.kernel_id, "alice")
 
     # SIGKILL of the kernel on its host: the driver dies with it; the restarter's restart cleans up.
     pid = km.provisioner.pid
@@ -200,34 +259,86 @@ async def test_unknown_queue_fails_the_start_with_yarns_reason(lab, managers, ya
     await lazy.shutdown_kernel()
 
 
-async def test_orphaned_application_is_killed_through_the_rm(lab, managers, yarn_lab, yarn_specs):
-    """An application tagged with a kernel id no kernel of this gateway runs (gateway restarted while the host was
-    away) is killed through the RM's REST API when the gateway next cleans up a YARN kernel."""
-    host = lab.hosts[0]
-    ghost = str(uuid.uuid4())
+def ghost_driver(host: LabHost, yarn_lab: YarnLab, kernel_id: str, gateway_id: str) -> subprocess.Popen[bytes]:
+    """A Spark driver on `host` whose YARN application carries the tags of kernel `kernel_id` of gateway
+    `gateway_id`, though no kernel of that gateway runs it (left by a gateway that was killed)."""
     code = (
         "from pyspark.sql import SparkSession; import time\n"
         "s = SparkSession.builder.getOrCreate(); print('up', flush=True); time.sleep(600)"
     )
-    submit = f"--master yarn --name {ghost} {SMALL} {yarn.submit_conf(ghost)} pyspark-shell"
-    import subprocess
-    import sys
-
-    proc = subprocess.Popen(
+    submit = f"--master yarn --name {kernel_id} {SMALL} {yarn.submit_conf(kernel_id, gateway_id)}"
+    return subprocess.Popen(
         [*host._nsenter(), "env", f"HADOOP_CONF_DIR={yarn_lab.conf_dir}", f"SPARK_HOME={SPARK_HOME}",
-         f"PYSPARK_SUBMIT_ARGS={submit}", sys.executable, "-c", code],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
+         f"PYSPARK_SUBMIT_ARGS={submit} pyspark-shell", sys.executable, "-c", code],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
+
+
+async def running_app(yarn_lab: YarnLab, kernel_id: str, driver: subprocess.Popen[bytes] | None = None) -> str:
+    """The id of the application of `kernel_id`, once RUNNING (failing at once if its `driver` process exits)."""
+
+    def running() -> str | None:
+        assert driver is None or driver.poll() is None, f"the driver of {kernel_id} exited ({driver.returncode})"
+        app = rm_app(yarn_lab, kernel_id)
+        return app["id"] if app and app["state"] == "RUNNING" else None
+
+    return await until(running, CELL_BOUND)
+
+
+async def test_orphaned_applications_are_killed_at_the_first_launch_and_at_cleanup(lab, managers, yarn_lab, yarn_specs):
+    """Applications tagged by this gateway with a kernel id it does not run are killed through the RM's REST API:
+    one left by an earlier run when the gateway launches its first YARN kernel (yarn.Sweeps), before that kernel
+    ends; one that appears later when the gateway next cleans up a YARN kernel."""
+    host = lab.hosts[0]
+    gateway_id = f"test-{uuid.uuid4().hex[:8]}"  # a gateway that has not launched a YARN kernel yet
+    ghosts = [str(uuid.uuid4()), str(uuid.uuid4())]
+    proc = ghost_driver(host, yarn_lab, ghosts[0], gateway_id)
     try:
-        await until(lambda: (a := rm_app(yarn_lab, ghost)) and a["state"] == "RUNNING", timeout=CELL_BOUND)
-        orphan = rm_app(yarn_lab, ghost)["id"]
-        km = managers("yarn_lazy")
+        orphan = await running_app(yarn_lab, ghosts[0], proc)
+        km = managers("yarn_lazy", yarn_gateway_id=gateway_id)
         await km.start_kernel(env=env(KERNEL_REMOTE_HOST=host.name))
-        await km.shutdown_kernel()
         assert (await ended(yarn_lab, lab, orphan))["state"] == "KILLED"
+        assert km.has_kernel and await km.is_alive()
+        proc.kill()
+        proc.wait()
+        proc = ghost_driver(host, yarn_lab, ghosts[1], gateway_id)
+        later = await running_app(yarn_lab, ghosts[1], proc)
+        await km.shutdown_kernel()
+        assert (await ended(yarn_lab, lab, later))["state"] == "KILLED"
     finally:
         proc.kill()
         proc.wait()
+
+
+async def test_gateway_start_kills_orphans_and_spares_restored_kernels(lab, yarn_lab, yarn_specs, tmp_path):
+    """A `jupyter server` (DistributedMappingKernelManager) runs two lazy YARN kernels and is SIGKILLed; the session
+    record of one is lost (as when its host stayed away longer than unreachable_grace at a restart), so the next
+    server knows nothing of it while its driver still holds a RUNNING application. The next start restores the other
+    kernel, whose application keeps running, and kills the lost one's through the RM's REST API, with no kernel
+    started or stopped meanwhile."""
+    gateway_id = f"server-{uuid.uuid4().hex[:8]}"
+    server = ServerProcess(lab, tmp_path, [yarn_specs / "yarn_lazy"], SG_YARN_GATEWAY_ID=gateway_id)
+    kept = lost = ""
+    try:
+        server.start()
+        kept, lost = server.start_kernel("yarn_lazy"), server.start_kernel("yarn_lazy")
+        apps = {kernel_id: await running_app(yarn_lab, kernel_id) for kernel_id in (kept, lost)}
+        assert yarn.gateway_tag(gateway_id) in rm_app(yarn_lab, lost)["applicationTags"].split(",")
+        server.kill()
+        (server.store / f"{lost}.json").unlink()
+        server.start()
+        await until(lambda: yarn_lab.app(apps[lost])["state"] == "KILLED", timeout=120)
+        assert f"killed YARN application {apps[lost]}" in server.log_text()
+        assert kept in server.kernels() and yarn_lab.app(apps[kept])["state"] == "RUNNING"
+        assert (await run_code(server.base, kept, "print(sc.applicationId)")).strip().endswith(apps[kept])
+    finally:
+        for host in lab.hosts:  # the lost kernel runs on, unknown to the server
+            for pid, _ in kernel_processes(host, lost) if lost else []:
+                host.run(["kill", "-KILL", str(pid)], check=False)
+        if server.proc is not None:
+            for kernel_id in server.kernels():
+                server.delete_kernel(kernel_id)
+            server.stop()
 
 
 async def test_resource_manager_down_fails_the_start_with_the_reason(lab, managers, yarn_lab, yarn_specs):

@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import getpass
+import logging
 import shlex
+import socket
 from pathlib import Path
 
 import pytest
 
 from spark_gateway import yarn
+from spark_gateway.config import GatewayOptions
 from testlab.yarn_lab import site_xml
 
 
@@ -41,11 +45,20 @@ def test_conf_dirs_prefer_the_spec_then_the_gateway_environment(tmp_path: Path) 
     assert yarn.conf_dirs({}, {"YARN_CONF_DIR": str(tmp_path)}) == [tmp_path]
 
 
-def test_tags_orphans_and_queues(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gateway_id_trait_reads_its_environment_lazily(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SG_YARN_GATEWAY_ID", raising=False)
+    assert (
+        GatewayOptions().yarn_gateway_id == yarn.default_gateway_id() == f"{getpass.getuser()}@{socket.gethostname()}"
+    )
     monkeypatch.setenv("SG_YARN_GATEWAY_ID", "GW 1")
-    gateway = yarn.gateway_tag()
+    assert GatewayOptions().yarn_gateway_id == "GW 1"
+    assert GatewayOptions(yarn_gateway_id="gw-2").yarn_gateway_id == "gw-2"  # configuration wins
+
+
+def test_tags_orphans_and_queues() -> None:
+    gateway = yarn.gateway_tag("GW 1")
     assert gateway == "sg-gateway:gw_1"
-    words = shlex.split(yarn.submit_conf("k-1"))
+    words = shlex.split(yarn.submit_conf("k-1", "GW 1"))
     assert words == ["--conf", "spark.yarn.maxAppAttempts=1", "--conf", f"spark.yarn.tags=spark_gateway,{gateway},k-1"]
     apps = [
         {"id": "a1", "applicationTags": f"k-1,spark_gateway,{gateway}"},  # live kernel
@@ -58,3 +71,18 @@ def test_tags_orphans_and_queues(monkeypatch: pytest.MonkeyPatch) -> None:
     assert yarn.spec_queue("--master yarn --name x ${KERNEL_EXTRA_SPARK_OPTS}") == "default"
     assert yarn.spec_queue("--master yarn --queue q1 ${KERNEL_EXTRA_SPARK_OPTS}") == "q1"
     assert yarn.spec_queue("--queue=q2 --conf spark.yarn.queue=q3") == "q3"
+
+
+@pytest.mark.asyncio
+async def test_sweeps_skip_what_they_cannot_ask_and_wait_for_a_restore(tmp_path: Path, caplog) -> None:
+    """No Hadoop configuration: nothing to sweep; a broken one: a warning, not an exception; while a restore is under
+    way a launch does not sweep (the real RM: tests/test_yarn.py)."""
+    sweeps, log = yarn.Sweeps(), logging.getLogger("test")
+    assert await sweeps.sweep({}, "gw", set(), log) == [] and not sweeps.swept
+    (tmp_path / "yarn-site.xml").write_text("<configuration><property>")
+    with caplog.at_level(logging.WARNING):
+        assert await sweeps.sweep({"HADOOP_CONF_DIR": str(tmp_path)}, "gw", set(), log) == []
+    assert "is not valid XML" in caplog.text and not sweeps.swept
+    sweeps.restoring = True
+    sweeps.on_launch({"HADOOP_CONF_DIR": str(tmp_path)}, "gw", set(), log)
+    assert not sweeps.tasks

@@ -7,9 +7,10 @@ tail; then ports, connection file, control listener and the callback; only then 
 config and startup files, and the kernel binds (ZMQ clients retry until it does).
 
 With ``--spark-context-initialization-mode eager`` the SparkSession is created before the callback (its JVM boots
-while ipykernel is imported); with ``lazy`` it is created in the background once the kernel is initialised. Either
-way ``spark``, ``sc`` and ``sql`` are in the user namespace (see ``SparkSessionStarter``). The JVM is started by
-pyspark from ``PYSPARK_SUBMIT_ARGS`` (set by ``bin/run.sh`` from ``SPARK_OPTS``), split with shlex, no shell.
+and its application starts while ipykernel is imported); with ``lazy`` it is created in the background once the
+kernel is initialised. Either way ``spark``, ``sc`` and ``sql`` are in the user namespace
+(see ``SparkSessionStarter``). The JVM is started by pyspark from ``PYSPARK_SUBMIT_ARGS`` (set by ``bin/run.sh``
+from ``SPARK_OPTS``), split with shlex, no shell.
 """
 
 from __future__ import annotations
