@@ -341,6 +341,31 @@ async def test_gateway_start_kills_orphans_and_spares_restored_kernels(lab, yarn
             server.stop()
 
 
+async def test_an_idle_yarn_kernel_is_culled_by_jupyter_server_with_its_application(
+    lab, yarn_lab, yarn_specs, tmp_path
+):
+    """jupyter_server's idle culling (cull_idle_timeout) ends a YARN kernel on its host, and its application ends in
+    the RM with no container left on the NodeManagers."""
+    server = ServerProcess(lab, tmp_path, [yarn_specs / "yarn_lazy"])
+    server.args = ["--MappingKernelManager.cull_idle_timeout=10", "--MappingKernelManager.cull_interval=2"]
+    try:
+        server.start()
+        kernel_id = server.start_kernel("yarn_lazy")
+        host = next(h for h in lab.hosts if kernel_processes(h, kernel_id))
+        out = await run_code(server.base, kernel_id, "print(sc.applicationId, spark.range(7).count())")
+        app_id, count = out.strip().splitlines()[-1].split()
+        assert count == "7" and yarn_lab.app(app_id)["state"] == "RUNNING"
+        await until(lambda: kernel_id not in server.kernels(), timeout=120)
+        assert "Culling 'idle' kernel" in server.log_text()
+        assert (await ended(yarn_lab, lab, app_id))["state"] in ENDED
+        await until(lambda: not kernel_processes(host, kernel_id), timeout=30)
+    finally:
+        if server.proc is not None:
+            for kid in server.kernels():
+                server.delete_kernel(kid)
+            server.stop()
+
+
 async def test_resource_manager_down_fails_the_start_with_the_reason(lab, managers, yarn_lab, yarn_specs):
     host = lab.hosts[1]
     yarn_lab.stop_rm()
