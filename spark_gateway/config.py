@@ -230,6 +230,11 @@ class GatewayOptions(SshOptions, AccessOptions, CallbackOptions):
         help="Seconds a kernel nobody polls (its gateway gone) runs before it shuts itself down; 0: never "
         "(GP_ORPHAN_TIMEOUT; default: 1800).",
     )
+    engine_idle_timeout = Float(
+        config=True,
+        help="Connect-mode kernelspecs: seconds a Spark Connect engine with no attached kernel runs before it stops; "
+        "0: never (GP_ENGINE_IDLE_TIMEOUT; default: 600).",
+    )
     max_kernels_per_user = Integer(
         config=True,
         help="Kernels one KERNEL_USERNAME may run over all hosts; 0: no limit (GP_MAX_KERNELS_PER_USER; default: 0).",
@@ -238,6 +243,10 @@ class GatewayOptions(SshOptions, AccessOptions, CallbackOptions):
     @default("orphan_timeout")
     def _orphan_default(self) -> float:
         return env_float("GP_ORPHAN_TIMEOUT", 1800.0)
+
+    @default("engine_idle_timeout")
+    def _engine_idle_default(self) -> float:
+        return env_float("GP_ENGINE_IDLE_TIMEOUT", 600.0)
 
     @default("max_kernels_per_user")
     def _max_per_user_default(self) -> int:

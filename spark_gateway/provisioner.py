@@ -20,7 +20,7 @@ import paramiko
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import KernelProvisionerBase
 
-from . import tunnel, yarn
+from . import engines, tunnel, yarn
 from .callback import public_key_b64
 from .config import GatewayOptions
 from .control import ControlError, ControlFailed, ControlRefused, control_request
@@ -114,6 +114,8 @@ class DistributedProvisioner(GatewayOptions, KernelProvisionerBase):  # type: ig
         quarantined) unless the kernel is pinned or restarting in place.
         """
         request = LaunchRequest.build(self.kernel_id, self.kernel_spec, kwargs.get("env") or {}, cmd, self)
+        if request.spark_mode == "connect":  # the kernel goes to its Spark Connect engine's host (engines.py)
+            request = await engines.place_request(self, request, cmd)
         self.gateway.kernel_ids.add(self.kernel_id)
         try:
             if self.max_kernels_per_user > 0:

@@ -36,6 +36,7 @@ import sg_callback  # noqa: E402
 import sg_control  # noqa: E402
 import sg_ports  # noqa: E402
 import sg_protocol  # noqa: E402
+import spark_connect  # noqa: E402
 from sg_log import configure_logging  # noqa: E402
 
 log = logging.getLogger("launch_ipykernel")
@@ -50,7 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--response-address", required=True)
     parser.add_argument("--public-key", required=True)
     parser.add_argument("--kernel-class-name", default="ipykernel.ipkernel.IPythonKernel")
-    parser.add_argument("--spark-context-initialization-mode", choices=("lazy", "eager", "none"), default="none")
+    parser.add_argument(
+        "--spark-context-initialization-mode", choices=("lazy", "eager", "connect", "none"), default="none"
+    )
+    parser.add_argument("--engine-share-level", choices=("kernel", "user", "group", "server"), default="kernel")
     parser.add_argument("--ip", default=os.environ.get("GP_KERNEL_IP", "0.0.0.0"))
     return parser.parse_args(argv)
 
@@ -457,8 +461,11 @@ def main(argv: list[str] | None = None) -> None:
     )  # before any thread
     mode = args.spark_context_initialization_mode
 
-    spark: SparkSessionStarter | None = None
-    if mode != "none":
+    spark: Any = None
+    if mode == "connect":  # a Spark Connect session on a shared engine (spark_connect.py), always started lazily
+        locate_pyspark()
+        spark = spark_connect.ConnectStarter(args.kernel_id, _SparkName)
+    elif mode != "none":
         locate_pyspark()
         spark = SparkSessionStarter(log_stream_fd())
         if mode == "eager":
@@ -502,7 +509,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     if spark is not None:
         spark.install(app.kernel)
-        if mode == "lazy":
+        if mode in ("lazy", "connect"):
             spark.start()  # after the kernel's own start-up, so the JVM does not compete with it
     app.start()
     log.info("kernel stopped")
