@@ -323,6 +323,7 @@ class ConnectStarter:
 
     def __init__(self, kernel_id: str, proxy: type) -> None:
         self.kernel_id, self.proxy = kernel_id, proxy
+        os.environ["SPARK_CONNECT_MODE_ENABLED"] = "1"  # pyspark.sql.functions (udf, ...) then go to the session
         self.key = os.environ.get("GP_ENGINE_KEY", "")
         self.level = os.environ.get("GP_ENGINE_LEVEL", "kernel")
         self.idle_timeout = float(os.environ.get("GP_ENGINE_IDLE_TIMEOUT") or 600)
