@@ -20,6 +20,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from . import yarn
+
 SHARE_FLAG = "--engine-share-level"
 LEVELS = ("kernel", "user", "group", "server")
 ENGINE_INVENTORY = "ps -ww -eo args= | grep -o -e 'spark_connect.py serve --engine-key [A-Za-z0-9._-]*' | sort -u"
@@ -81,6 +83,12 @@ def plan(kernel_id: str, username: str, spec_name: str, argv: list[str], spec_en
     return EnginePlan(f"{level}-{owner}-{digest[:12]}", level)
 
 
+def yarn_conf(engine: EnginePlan) -> str:
+    """A YARN engine's tags: not the gateway's own tag, so reconciliation (which kills applications whose kernel is
+    gone) never takes a shared engine; the engine ends its application itself when idle."""
+    return f" --conf spark.yarn.maxAppAttempts=1 --conf spark.yarn.tags=spark_gateway_engine,{engine.key.lower()}"
+
+
 def parse_inventory(text: str) -> set[str]:
     return set(_KEY.findall(text))
 
@@ -125,6 +133,11 @@ async def place_request(provisioner: Any, request: Any, argv: list[str]) -> Any:
     except EngineRefused as exc:
         raise ProvisionerError(400, str(exc)) from None
     request.exports.update(engine.exports(provisioner.engine_idle_timeout))
+    kernel_tags = shlex.quote(yarn.submit_conf(request.kernel_id))
+    if kernel_tags in request.exports.get("SPARK_OPTS", ""):  # YARN: the engine is no kernel's to reconcile
+        request.exports["SPARK_OPTS"] = request.exports["SPARK_OPTS"].replace(
+            kernel_tags, shlex.quote(yarn_conf(engine))
+        )
     if host is not None and not request.pinned:
         provisioner.log.info("kernel %s joins Spark Connect engine %s on %s", request.kernel_id, engine.key, host)
         return dataclasses.replace(request, pinned=host)

@@ -167,7 +167,7 @@ async def test_kernel_level_session_survives_restart_and_engine_stops_when_idle(
 
 async def test_engine_refuses_clients_without_its_token(lab, managers, connect_specs):
     """A running engine: a client on its host without the token is refused (UNAUTHENTICATED), and it is not
-    reachable from the network at all (bound to loopback)."""
+    reachable from the network at all (bound to loopback). An engine that dies is reported, and replaced."""
     km = managers("connect_kernel", engine_idle_timeout=5.0)
     await km.start_kernel(env=env(KERNEL_USERNAME="alice"))
     info = await session_info(km)
@@ -191,6 +191,12 @@ async def test_engine_refuses_clients_without_its_token(lab, managers, connect_s
         res = subprocess.run(["python3", "-c", f"import socket; socket.create_connection(('{address}', {port}), 3)"],
                              capture_output=True, text=True)  # fmt: skip
         assert res.returncode != 0 and "refused" in res.stderr.lower(), res.stderr
+
+    # The engine dies: the kernel's next cell says why, and `spark` is a session on a new engine.
+    host.run(["kill", "-9", str(state["jvm_pid"])])
+    out, reply = await execute(km, "print('again', spark.range(4).count())", timeout=300)
+    assert reply["status"] == "ok" and out.strip().endswith("again 4"), out
+    assert f"The Spark Connect engine {info['engine']} is gone (its JVM" in out, out
     await km.shutdown_kernel()
 
 

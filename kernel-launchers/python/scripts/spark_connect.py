@@ -93,6 +93,12 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def jvm_alive(state: dict[str, Any]) -> bool:
+    """False once the engine's JVM (if started) has exited, even before its supervisor notices."""
+    pid = int(state.get("jvm_pid") or 0)
+    return pid <= 1 or pid_alive(pid)
+
+
 def supervisor_alive(state: dict[str, Any], key: str) -> bool:
     pid = int(state.get("pid") or 0)
     if pid <= 1 or not pid_alive(pid):
@@ -111,8 +117,13 @@ def ensure(key: str, spark_opts: str, idle_timeout: float, level: str) -> Path:
     directory = engine_dir(key)
     with os.fdopen(os.open(state_root() / f".{key}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)) as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if supervisor_alive(read_state(directory), key):
-            return directory
+        deadline = time.monotonic() + 2 * POLL + STOP_GRACE
+        while supervisor_alive(state := read_state(directory), key):
+            if state.get("state") in ("starting", "ready") and jvm_alive(state):
+                return directory
+            if time.monotonic() > deadline:
+                raise EngineError(f"the engine {key} is ending (state {state.get('state')}): try again shortly")
+            time.sleep(0.2)  # its JVM is gone or it is stopping: its supervisor exits within a POLL
         directory.mkdir(mode=0o700, exist_ok=True)
         for sub in ("kernels", "sessions"):
             (directory / sub).mkdir(mode=0o700, exist_ok=True)
@@ -271,8 +282,8 @@ class Supervisor:
         idle_since = time.monotonic()
         while not self.stopping:
             if (status := self.jvm.poll()) is not None:
-                errors = [line for line in self.lines if "ERROR" in line or "Exception" in line] or self.lines
-                reason = f"its JVM exited with status {status}: " + "\n".join(errors[-8:])
+                errors = [line for line in self.lines if "ERROR" in line or "Exception" in line]
+                reason = f"its JVM exited with status {status}" + "".join(f"\n{line}" for line in errors[-8:])
                 self.save(state="failed", error=reason)
                 log.error("engine %s: %s", self.key, reason)
                 return 1
@@ -349,12 +360,13 @@ class ConnectStarter:
                 raise EngineError("GP_ENGINE_KEY is not set: this kernel was not started by a connect-mode kernelspec")
             self.directory = ensure(self.key, os.environ.get("SPARK_OPTS", ""), self.idle_timeout, self.level)
             session_id = attach(self.directory, self.kernel_id)
+            log.info("session %s: waiting for engine %s", session_id, self.key)
             atexit.register(detach, self.directory, self.kernel_id)
             engine = wait_ready(self.directory, self.key, self.start_timeout)
             from pyspark.sql.connect.session import SparkSession
 
             url = f"sc://localhost:{int(engine['port'])}/;token={engine['token']};session_id={session_id}"
-            session = SparkSession.builder.remote(url).getOrCreate()
+            session = SparkSession.builder.remote(url).create()  # never an earlier (dead) engine's session
             details = {
                 "connect": True,
                 "engine": self.key,
@@ -438,6 +450,8 @@ class ConnectStarter:
             return state.get("error") or "it failed"
         if not supervisor_alive(state, self.key) or state.get("pid") != self.details.get("engine_pid"):
             return f"its supervisor (pid {self.details.get('engine_pid')}) is no longer running"
+        if not jvm_alive(state):
+            return f"its JVM (pid {state.get('jvm_pid')}) is no longer running"
         return None
 
     def install(self, kernel: Any) -> None:
@@ -462,6 +476,7 @@ class ConnectStarter:
 
     def _check_engine(self, info: Any = None) -> None:
         if (reason := self.engine_gone()) is not None:
+            log.warning("engine %s is gone (%s); starting a new one", self.key, reason)
             print(f"The Spark Connect engine {self.key} is gone ({reason}); a new one is starting for `spark`.",
                   file=sys.stderr)  # fmt: skip
             if self._user_ns is not None:
