@@ -142,3 +142,16 @@ async def place_request(provisioner: Any, request: Any, argv: list[str]) -> Any:
         provisioner.log.info("kernel %s joins Spark Connect engine %s on %s", request.kernel_id, engine.key, host)
         return dataclasses.replace(request, pinned=host)
     return request
+
+
+def check_connect(run: Callable[[str], Any], spark_home: str, python: str) -> tuple[str, str] | None:
+    """`ssh-spec check` of a connect-mode spec on a host: Spark ships the Connect server and the kernel's Python
+    imports the Connect client. None when fine, else (problem, fix)."""
+    if run(f"ls {shlex.quote(spark_home)}/jars/spark-connect_*.jar >/dev/null 2>&1").status != 0:
+        return (f"{spark_home}/jars has no spark-connect_*.jar: this Spark cannot run a Spark Connect server",
+                "install Spark 4 (pip's pyspark 4 ships it) at SPARK_HOME")  # fmt: skip
+    probe = "import pyspark.sql.connect.session"
+    if python and run(f"{shlex.quote(python)} -c {shlex.quote(probe)} 2>&1").status != 0:
+        return (f"{python} cannot import pyspark's Spark Connect client (pandas, pyarrow, grpcio, ...)",
+                f"{python} -m pip install 'pyspark[connect]'")  # fmt: skip
+    return None
