@@ -213,3 +213,17 @@ async def test_share_keys_follow_the_level_and_the_options() -> None:
     with pytest.raises(engines.EngineRefused, match="impersonation"):
         engines.plan("k1", "alice", "s", server, env, "", impersonating=True)
     assert engines.parse_inventory("spark_connect.py serve --engine-key user-a-1\n") == {"user-a-1"}
+
+
+async def test_convert_keeps_the_connect_mode_and_share_level(tmp_path: Path) -> None:
+    from spark_gateway.specs import convert
+
+    opts, _ = SpecOptions(spark=True, spark_master="local[*]", spark_init_mode="connect", share_level="server",
+                          kernel_name="c", spark_home=SPARK_HOME).resolve()  # fmt: skip
+    src = install(opts, tmp_path / "c")
+    dest = convert(src, "yarn")
+    spec = json.loads((dest / "kernel.json").read_text())
+    argv = spec["argv"]
+    assert argv[argv.index("--spark-context-initialization-mode") + 1] == "connect"
+    assert argv[argv.index(engines.SHARE_FLAG) + 1] == "server"
+    assert "--master yarn" in spec["env"]["SPARK_OPTS"] and (dest / "scripts" / "spark_connect.py").is_file()
