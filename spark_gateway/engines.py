@@ -80,6 +80,7 @@ def plan(kernel_id: str, username: str, spec_name: str, argv: list[str], spec_en
         return EnginePlan(f"kernel-{kernel_id}", level)
     owner = {"user": username, "group": primary_group(username) if level == "group" else "", "server": "spec"}[level]
     digest = hashlib.sha256("\0".join((spec_name, spec_env.get("SPARK_OPTS", ""), extra_opts)).encode()).hexdigest()
+    owner = re.sub(r"[^A-Za-z0-9._-]", "_", owner)[:64]  # e.g. a group name with blanks: still a valid key
     return EnginePlan(f"{level}-{owner}-{digest[:12]}", level)
 
 

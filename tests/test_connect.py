@@ -212,6 +212,12 @@ async def test_share_keys_follow_the_level_and_the_options() -> None:
     assert engines.plan("k1", "alice", "s", server, env, "") == engines.plan("k2", "bob", "s", server, env, "")
     with pytest.raises(engines.EngineRefused, match="impersonation"):
         engines.plan("k1", "alice", "s", server, env, "", impersonating=True)
+    assert engines.primary_group("root") == "root"
+    assert engines.plan("k1", "root", "s", ["run.sh", engines.SHARE_FLAG, "group"], env, "").key.startswith(
+        "group-root-"
+    )
+    with pytest.raises(engines.EngineRefused, match="no primary group"):
+        engines.plan("k1", "no-such-user-here", "s", ["run.sh", engines.SHARE_FLAG, "group"], env, "")
     assert engines.parse_inventory("spark_connect.py serve --engine-key user-a-1\n") == {"user-a-1"}
 
 
