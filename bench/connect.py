@@ -36,7 +36,7 @@ async def run(km: AsyncKernelManager, code: str) -> None:
     kc.start_channels()
     try:
         await kc.wait_for_ready(timeout=300)
-        reply = await kc.execute_interactive(code, timeout=600)
+        reply = await kc.execute_interactive(code, timeout=600, output_hook=lambda msg: None)
         assert reply["content"]["status"] == "ok", reply["content"]
     finally:
         kc.stop_channels()
