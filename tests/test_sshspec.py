@@ -45,6 +45,7 @@ PYTHON_FILES = {
     "logo-64x64.png",
     "scripts/launch_ipykernel.py",
     "scripts/spark_notebook.py",
+    "scripts/spark_connect.py",
     *LISTENER_FILES,
 }
 

@@ -36,7 +36,6 @@ import sg_callback  # noqa: E402
 import sg_control  # noqa: E402
 import sg_ports  # noqa: E402
 import sg_protocol  # noqa: E402
-import spark_connect  # noqa: E402
 from sg_log import configure_logging  # noqa: E402
 
 log = logging.getLogger("launch_ipykernel")
@@ -463,6 +462,8 @@ def main(argv: list[str] | None = None) -> None:
 
     spark: Any = None
     if mode == "connect":  # a Spark Connect session on a shared engine (spark_connect.py), always started lazily
+        import spark_connect
+
         locate_pyspark()
         spark = spark_connect.ConnectStarter(args.kernel_id, _SparkName)
     elif mode != "none":
