@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--spark-context-initialization-mode", choices=("lazy", "eager", "connect", "none"), default="none"
     )
-    parser.add_argument("--engine-share-level", choices=("kernel", "user", "group", "server"), default="kernel")
+    parser.add_argument("--engine-share-level", choices=("kernel", "user", "group", "server"), default="user")
     parser.add_argument("--ip", default=os.environ.get("GP_KERNEL_IP", "0.0.0.0"))
     return parser.parse_args(argv)
 
