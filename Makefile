@@ -75,6 +75,7 @@ bench: install system-deps yarn-lab  ## benchmarks: ratios against references me
 	$(PY) -m bench.spark
 	$(PY) -m bench.yarn
 	$(PY) -m bench.scale
+	$(PY) -m bench.connect
 
 SPARK_MASTER ?=
 SPECS_DIR ?= build/kernelspecs

@@ -236,6 +236,11 @@ class GatewayOptions(SshOptions, AccessOptions, CallbackOptions):
         help="This gateway's id in the YARN tag of its kernels' applications, sg-gateway:<id> (SG_YARN_GATEWAY_ID; "
         "default: <user>@<host name>); gateways sharing an account, a host and a ResourceManager need distinct ids.",
     )
+    engine_idle_timeout = Float(
+        config=True,
+        help="Connect-mode kernelspecs: seconds a Spark Connect engine with no attached kernel runs before it stops; "
+        "0: never (GP_ENGINE_IDLE_TIMEOUT; default: 600).",
+    )
     max_kernels_per_user = Integer(
         config=True,
         help="Kernels one KERNEL_USERNAME may run over all hosts; 0: no limit (GP_MAX_KERNELS_PER_USER; default: 0).",
@@ -248,6 +253,10 @@ class GatewayOptions(SshOptions, AccessOptions, CallbackOptions):
     @default("yarn_gateway_id")
     def _yarn_gateway_id_default(self) -> str:
         return os.environ.get("SG_YARN_GATEWAY_ID") or default_gateway_id()
+
+    @default("engine_idle_timeout")
+    def _engine_idle_default(self) -> float:
+        return env_float("GP_ENGINE_IDLE_TIMEOUT", 600.0)
 
     @default("max_kernels_per_user")
     def _max_per_user_default(self) -> int:

@@ -20,7 +20,7 @@ import paramiko
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import KernelProvisionerBase
 
-from . import tunnel, yarn
+from . import engines, tunnel, yarn
 from .callback import public_key_b64
 from .config import GatewayOptions
 from .control import ControlChannel, ControlError, ControlFailed, ControlRefused
@@ -117,6 +117,8 @@ class DistributedProvisioner(GatewayOptions, KernelProvisionerBase):  # type: ig
         quarantined) unless the kernel is pinned or restarting in place.
         """
         request = LaunchRequest.build(self.kernel_id, self.kernel_spec, kwargs.get("env") or {}, cmd, self)
+        if request.spark_mode == "connect":  # the kernel goes to its Spark Connect engine's host (engines.py)
+            request = await engines.place_request(self, request, cmd)
         self.gateway.kernel_ids.add(self.kernel_id)
         if self._yarn:  # the gateway's first YARN kernel: orphans of an earlier run are killed (yarn.Sweeps)
             self.gateway.yarn_sweeps.on_launch(

@@ -23,7 +23,7 @@ from typing import Any
 
 import paramiko
 
-from . import yarn
+from . import engines, yarn
 from .config import parse_port_range
 from .hosts import Host
 from .spark import spec_master
@@ -292,6 +292,9 @@ def _check_spark_submit(host: Host, spec: Spec) -> Outcome:
         return ok(f"{submit} ({jars[0] if jars else 'Scala version unknown'})")
     if spec_master(spec.env.get("SPARK_OPTS", "")) == "yarn":
         return _check_yarn(host, spec, submit)
+    argv = [str(a) for a in spec.data.get("argv", [])]
+    if "connect" in argv and (problem := engines.check_connect(host.run, home, spec.interpreter)):
+        return fail(*problem)
     return ok(submit)
 
 

@@ -39,7 +39,9 @@ KERNEL_NAMES = {"python": "ssh_python", "r": "ssh_r", "scala": "ssh_scala"}
 DISPLAY_NAMES = {"python": "Python SSH", "r": "R SSH", "scala": "Scala SSH"}
 SPARK_SUFFIX = "_spark"
 SPARK_DISPLAY_SUFFIX = " (with Spark)"
-INIT_MODES = ("lazy", "eager", "none")
+INIT_MODES = ("lazy", "eager", "connect", "none")
+SHARE_LEVELS = ("kernel", "user", "group", "server")  # connect mode: who shares a Spark Connect engine
+SHARE_FLAG = "--engine-share-level"
 DEFAULT_KERNEL_CLASS = "ipykernel.ipkernel.IPythonKernel"
 DEFAULT_KERNELS_DIR = Path("/usr/local/share/jupyter/kernels")
 PROVISIONER = "distributed-provisioner"
@@ -54,6 +56,7 @@ LAUNCHERS: dict[str, list[tuple[str, str]]] = {
     "python": [
         ("python/scripts/launch_ipykernel.py", "scripts"),
         ("python/scripts/spark_notebook.py", "scripts"),
+        ("python/scripts/spark_connect.py", "scripts"),
         *SHARED,
     ],
     "r": [("R/scripts/launch_IRkernel.R", "scripts"), *SHARED],
@@ -91,7 +94,7 @@ def language_key(value: str) -> str:
 def init_mode(value: str) -> str:
     mode = value.strip().lower()
     if mode not in INIT_MODES:
-        raise SpecError(f"unknown Spark context initialization mode {value!r}: choose lazy, eager or none")
+        raise SpecError(f"unknown Spark context initialization mode {value!r}: choose lazy, eager, connect or none")
     return mode
 
 
@@ -181,6 +184,7 @@ class SpecOptions:
     interpreter: str = ""  # default: this Python, or Rscript on PATH
     spark_home: str = "/opt/spark"
     spark_init_mode: str = "lazy"
+    share_level: str = "user"  # connect mode: kernel, user, group or server
     extra_spark_opts: str = ""
     kernel_class_name: str = DEFAULT_KERNEL_CLASS
     toree_jar: str = ""  # Scala: default found by find_toree_jar()
@@ -197,6 +201,10 @@ class SpecOptions:
         """Validated, defaulted copy, and warnings about options that do not apply. Raises SpecError."""
         lang = language_key(self.language)
         mode = init_mode(self.spark_init_mode)
+        if self.share_level not in SHARE_LEVELS:
+            raise SpecError(f"unknown share level {self.share_level!r}: choose {', '.join(SHARE_LEVELS)}")
+        if mode == "connect" and self.language.strip().lower() != "python":
+            raise SpecError("--spark-init-mode connect is for Python kernels only")
         master_kind(self.spark_master)
         warnings = []
         if not self.spark:
@@ -390,6 +398,8 @@ def render(opts: SpecOptions, install_dir: Path) -> dict[str, Any]:
         env["SPARK_OPTS"] = spark_opts
         if opts.language in ("python", "r", "scala"):
             _set_flag(spec["argv"], INIT_FLAG, opts.spark_init_mode)
+        if opts.spark_init_mode == "connect":
+            _set_flag(spec["argv"], SHARE_FLAG, opts.share_level)
         if opts.language == "python":
             env["PYSPARK_PYTHON"] = opts.interpreter
     elif opts.language == "scala":

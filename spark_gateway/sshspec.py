@@ -56,7 +56,12 @@ class BaseSpecApp(AccessOptions, _App):
         "Default: the Python running this command; Rscript from PATH.",
     )
     spark_home = Unicode(config=True, help="Where Spark is installed on the hosts (SPARK_HOME; else /opt/spark).")
-    spark_init_mode = Unicode("lazy", config=True, help="When the Spark context is created: lazy, eager or none.")
+    spark_init_mode = Unicode(
+        "lazy", config=True, help="When the Spark context is created: lazy, eager, none, or connect (Spark Connect)."
+    )
+    share_level = Unicode(
+        "user", config=True, help="Connect mode: who shares a Spark Connect engine: kernel, user, group or server."
+    )
     toree_jar = Unicode(
         config=True,
         help="Scala: Apache Toree's toree-assembly-*.jar to copy into the spec. Default: the one of the apache-toree "
@@ -94,6 +99,7 @@ class BaseSpecApp(AccessOptions, _App):
         "interpreter": "BaseSpecApp.interpreter",
         "spark-home": "BaseSpecApp.spark_home",
         "spark-init-mode": "BaseSpecApp.spark_init_mode",
+        "share-level": "BaseSpecApp.share_level",
         "toree-jar": "BaseSpecApp.toree_jar",
         "extra-spark-opts": "BaseSpecApp.extra_spark_opts",
         "hadoop-conf-dir": "BaseSpecApp.hadoop_conf_dir",
@@ -175,6 +181,7 @@ jupyter ssh-spec install --language R --spark --spark-master yarn --user
             interpreter=self.interpreter,
             spark_home=self.spark_home,
             spark_init_mode=self.spark_init_mode,
+            share_level=self.share_level,
             extra_spark_opts=self.extra_spark_opts,
             kernel_class_name=self.ipykernel_subclass_name,
             toree_jar=self.toree_jar,

@@ -45,6 +45,7 @@ PYTHON_FILES = {
     "logo-64x64.png",
     "scripts/launch_ipykernel.py",
     "scripts/spark_notebook.py",
+    "scripts/spark_connect.py",
     *LISTENER_FILES,
 }
 
@@ -885,3 +886,32 @@ def test_check_catches_missing_sparkr_and_a_spark_of_the_wrong_scala(
             assert f"the Spark at {pyspark_dir()} on {host.name} uses Scala 2.13" in out
     assert "fix: install a Spark distribution with R support" in out
     assert "Apache Toree 0.5 needs Scala 2.12" in out or "scala3" not in installs
+
+
+def test_check_of_connect_specs_needs_a_spark_with_the_connect_server(
+    lab: HostLab, hosts: list[LabHost], tmp_path: Path
+) -> None:
+    """`--spark-init-mode connect` specs: `check` finds the Spark Connect server jar under SPARK_HOME (pip's pyspark 4
+    ships it, 3.5 does not) and the Connect client in the kernel's Python; argv names the share level."""
+    from tests import test_scala_kernel as scala  # its Spark 3.5 environment (a module: no tests collected)
+
+    if not (pyspark_dir() and scala.SPARK35_HOME):
+        pytest.skip("needs pip's pyspark 4 and the `make spark35` environment")
+    gateway, one, _ = hosts
+    ssh, remote = f"--ssh-config={lab.ssh_config}", [f"--remote-hosts={one.name}"]
+    connect = ["--spark", "--spark-master=local[*]", "--spark-init-mode=connect", "--share-level=group"]
+    installs = {"connect4": [f"--spark-home={pyspark_dir()}"], "connect35": [f"--spark-home={scala.SPARK35_HOME}"]}
+    for name, args in installs.items():
+        assert on(gateway, "install", *remote, *connect, *args, f"--kernel-name={name}", home=tmp_path).returncode == 0
+    argv = json.loads(gateway.run(["cat", f"{KERNELS}/connect4/kernel.json"]).stdout)["argv"]
+    assert argv[argv.index("--spark-context-initialization-mode") + 1] == "connect"
+    assert argv[argv.index("--engine-share-level") + 1] == "group"
+    on(gateway, "sync", *installs, ssh, home=tmp_path)
+    proc = on(gateway, "check", *installs, ssh, home=tmp_path)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    result, out = tables(proc.stdout), proc.stdout
+    assert result["connect4"][one.name] == dict.fromkeys(CHECKS, "ok"), out
+    assert result["connect35"][one.name] == dict.fromkeys(CHECKS, "ok") | {"spark-submit": "FAIL"}, out
+    assert f"{scala.SPARK35_HOME}/jars has no spark-connect_*.jar" in out
+    bad = on(gateway, "install", *remote, *connect[:-1], "--share-level=team", "--kernel-name=bad", home=tmp_path)
+    assert bad.returncode != 0 and "unknown share level 'team'" in bad.stdout + bad.stderr

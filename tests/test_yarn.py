@@ -466,3 +466,28 @@ async def test_scala_lazy_kernel_runs_a_job_on_yarn(lab, managers, yarn_lab, ker
     assert km.kernel_id in app["applicationTags"].split(",")
     await km.shutdown_kernel()
     assert (await ended(yarn_lab, lab, app_id))["state"] in ("FINISHED", "KILLED")
+
+
+async def test_connect_kernel_on_a_yarn_engine_and_its_idle_end(lab, managers, yarn_lab, kernels_dir):
+    """A user-level Spark Connect kernel on YARN: its engine is a YARN application tagged as an engine (not with the
+    kernel id: the gateway's reconciliation never takes a shared engine), and once the kernel is gone the engine
+    stops itself after engine_idle_timeout: the application FINISHES and leaves no container."""
+    opts, _ = SpecOptions(spark=True, spark_master="yarn", spark_init_mode="connect", share_level="user",
+                          kernel_name="yarn_connect", spark_home=SPARK_HOME, extra_spark_opts=SMALL,
+                          config={"launch_timeout": LAUNCH_BOUND}).resolve()  # fmt: skip
+    path = install(opts, kernels_dir / "yarn_connect", replace=True)
+    data = json.loads((path / "kernel.json").read_text())
+    data["env"].update(HADOOP_CONF_DIR=str(yarn_lab.conf_dir), YARN_CONF_DIR=str(yarn_lab.conf_dir))
+    (path / "kernel.json").write_text(json.dumps(data))
+    km = managers("yarn_connect", engine_idle_timeout=5.0)
+    await km.start_kernel(env=env(KERNEL_USERNAME="yarnconnect"))
+    out, reply = await execute(km, "print('n', spark.range(100).count())", timeout=CELL_BOUND)
+    assert reply["status"] == "ok" and out.strip().endswith("n 100"), out
+    info = await until(lambda: (km.provisioner.spark or {}).get("state") == "ready" and km.provisioner.spark)
+    assert info["master"] == "yarn" and info["app_id"].startswith("application_")
+    (app,) = yarn_lab.apps(applicationTags=info["engine"].lower())
+    assert app["id"] == info["app_id"] and app["name"] == f"sg-engine-{info['engine']}"
+    assert "spark_gateway_engine" in app["applicationTags"] and km.kernel_id not in app["applicationTags"]
+    await km.shutdown_kernel()
+    final = await ended(yarn_lab, lab, info["app_id"])
+    assert final["state"] == "FINISHED", final

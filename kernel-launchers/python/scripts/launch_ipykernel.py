@@ -55,7 +55,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--response-address", required=True)
     parser.add_argument("--public-key", required=True)
     parser.add_argument("--kernel-class-name", default="ipykernel.ipkernel.IPythonKernel")
-    parser.add_argument("--spark-context-initialization-mode", choices=("lazy", "eager", "none"), default="none")
+    parser.add_argument(
+        "--spark-context-initialization-mode", choices=("lazy", "eager", "connect", "none"), default="none"
+    )
+    parser.add_argument("--engine-share-level", choices=("kernel", "user", "group", "server"), default="user")
     parser.add_argument("--ip", default=os.environ.get("GP_KERNEL_IP", "0.0.0.0"))
     return parser.parse_args(argv)
 
@@ -518,8 +521,13 @@ def main(argv: list[str] | None = None) -> None:
     sender = sg_callback.CallbackSender(args.response_address, args.public_key, args.kernel_id, token)
     mode = args.spark_context_initialization_mode
 
-    spark: SparkSessionStarter | None = None
-    if mode != "none":
+    spark: Any = None
+    if mode == "connect":  # a Spark Connect session on a shared engine (spark_connect.py), always started lazily
+        import spark_connect
+
+        locate_pyspark()
+        spark = spark_connect.ConnectStarter(args.kernel_id, _SparkName)
+    elif mode != "none":
         locate_pyspark()
         spark = SparkSessionStarter(log_stream_fd())
         if mode == "eager":
@@ -569,7 +577,7 @@ def main(argv: list[str] | None = None) -> None:
     bound.set()  # an ipykernel without the binding hook: bound by now
     if spark is not None:
         spark.install(app.kernel)
-        if mode == "lazy":
+        if mode in ("lazy", "connect"):
             spark.start()  # after the kernel's own start-up, so the JVM does not compete with it
     app.start()
     log.info("kernel stopped")

@@ -1,0 +1,158 @@
+"""Spark Connect engines (connect-mode kernelspecs): the share key of a kernel and the host its engine runs on.
+
+The engine itself is the host's (`kernel-launchers/python/scripts/spark_connect.py`): a kernel's launcher starts
+it on its own host if none of that key runs there, it binds loopback with a random token, and it stops itself
+after `engine_idle_timeout` without attached kernels. The gateway only decides the key and sends the kernel to
+the host whose engine has that key (found with `ps` on every host: the hosts are the truth, so gateways share
+engines and a restarted gateway finds them). See docs/design.md, Spark Connect engines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import grp
+import hashlib
+import pwd
+import re
+import shlex
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from . import yarn
+
+SHARE_FLAG = "--engine-share-level"
+LEVELS = ("kernel", "user", "group", "server")
+ENGINE_INVENTORY = "ps -ww -eo args= | grep -o -e 'spark_connect.py serve --engine-key [A-Za-z0-9._-]*' | sort -u"
+_KEY = re.compile(r"--engine-key ([A-Za-z0-9._-]+)")
+
+
+class EngineRefused(ValueError):
+    """A connect-mode request that cannot be served (the message says why)."""
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    """Which engine a connect-mode kernel uses."""
+
+    key: str
+    level: str
+
+    def exports(self, idle_timeout: float) -> dict[str, str]:
+        """The kernel's environment (shell words) that names its engine."""
+        return {
+            "GP_ENGINE_KEY": shlex.quote(self.key),
+            "GP_ENGINE_LEVEL": shlex.quote(self.level),
+            "GP_ENGINE_IDLE_TIMEOUT": shlex.quote(f"{max(0.0, idle_timeout):g}"),
+        }
+
+
+def share_level(argv: list[str]) -> str:
+    """The spec's share level (argv `--engine-share-level`; default user)."""
+    level = argv[argv.index(SHARE_FLAG) + 1] if SHARE_FLAG in argv[:-1] else "user"
+    if level not in LEVELS:
+        raise EngineRefused(f"kernelspec share level {level!r} is not one of {', '.join(LEVELS)}")
+    return level
+
+
+def primary_group(username: str) -> str:
+    """The user's primary group on the gateway (group-level engines)."""
+    try:
+        return grp.getgrgid(pwd.getpwnam(username).pw_gid).gr_name
+    except KeyError:
+        raise EngineRefused(
+            f"user {username!r} has no primary group on the gateway: group-level engines need a known user"
+        ) from None
+
+
+def plan(kernel_id: str, username: str, spec_name: str, argv: list[str], spec_env: dict[str, str],
+         extra_opts: str, impersonating: bool = False) -> EnginePlan:  # fmt: skip
+    """The engine of a kernel. Kernels share it only when their Spark options are the same (the spec's SPARK_OPTS
+    template and the client's KERNEL_EXTRA_SPARK_OPTS): different options get a separate engine."""
+    level = share_level(argv)
+    if impersonating and level in ("group", "server"):
+        raise EngineRefused(
+            f"share level {level} is not available with impersonation_enabled (the engine would run as the first "
+            "kernel's user, and other users' kernels cannot read its token): use share level user or kernel"
+        )
+    if level == "kernel":
+        return EnginePlan(f"kernel-{kernel_id}", level)
+    owner = {"user": username, "group": primary_group(username) if level == "group" else "", "server": "spec"}[level]
+    digest = hashlib.sha256("\0".join((spec_name, spec_env.get("SPARK_OPTS", ""), extra_opts)).encode()).hexdigest()
+    owner = re.sub(r"[^A-Za-z0-9._-]", "_", owner)[:64]  # e.g. a group name with blanks: still a valid key
+    return EnginePlan(f"{level}-{owner}-{digest[:12]}", level)
+
+
+def yarn_conf(engine: EnginePlan) -> str:
+    """A YARN engine's tags: not the gateway's own tag, so reconciliation (which kills applications whose kernel is
+    gone) never takes a shared engine; the engine ends its application itself when idle."""
+    return f" --conf spark.yarn.maxAppAttempts=1 --conf spark.yarn.tags=spark_gateway_engine,{engine.key.lower()}"
+
+
+def parse_inventory(text: str) -> set[str]:
+    return set(_KEY.findall(text))
+
+
+async def find_host(entries: list[str], key: str, run: Callable[[str], Awaitable[str]]) -> str | None:
+    """The first host (in `entries` order) where an engine of `key` runs; hosts that do not answer are passed over."""
+
+    async def ask(entry: str) -> set[str]:
+        try:
+            return parse_inventory(await run(entry))
+        except Exception:  # noqa: BLE001 (a host that cannot be asked has no engine we can use)
+            return set()
+
+    found = await asyncio.gather(*(ask(entry) for entry in entries))
+    return next((entry for entry, keys in zip(entries, found, strict=True) if key in keys), None)
+
+
+async def place(provisioner: Any, request: Any, argv: list[str]) -> tuple[EnginePlan, str | None]:
+    """The kernel's engine and the host it runs on now (None: no engine of that key runs; placement decides)."""
+    spec = provisioner.kernel_spec
+    env = {name: str(value) for name, value in (spec.env or {}).items()}
+    extra = request.exports.get("KERNEL_EXTRA_SPARK_OPTS", "")
+    spec_id = f"{spec.display_name}\0{argv[0] if argv else ''}"  # argv[0] is inside the spec's directory
+    engine = plan(request.kernel_id, request.username, spec_id, argv, env, extra, provisioner.impersonation_enabled)
+    cluster = provisioner.cluster
+
+    async def run(entry: str) -> str:
+        if why := cluster.health.quarantined(entry):
+            raise RuntimeError(why)
+        host = await cluster.host(entry)
+        return (await host.arun(ENGINE_INVENTORY, timeout=provisioner.ssh_connect_timeout + 5)).stdout
+
+    return engine, await find_host(list(provisioner.remote_hosts), engine.key, run)
+
+
+async def place_request(provisioner: Any, request: Any, argv: list[str]) -> Any:
+    """`request` with its engine's environment, pinned to the engine's host when one runs (400 if refused)."""
+    from .errors import ProvisionerError
+
+    try:
+        engine, host = await place(provisioner, request, argv)
+    except EngineRefused as exc:
+        raise ProvisionerError(400, str(exc)) from None
+    request.exports.update(engine.exports(provisioner.engine_idle_timeout))
+    kernel_tags = shlex.quote(yarn.submit_conf(request.kernel_id))
+    if kernel_tags in request.exports.get("SPARK_OPTS", ""):  # YARN: the engine is no kernel's to reconcile
+        request.exports["SPARK_OPTS"] = request.exports["SPARK_OPTS"].replace(
+            kernel_tags, shlex.quote(yarn_conf(engine))
+        )
+    if host is not None and not request.pinned:
+        provisioner.log.info("kernel %s joins Spark Connect engine %s on %s", request.kernel_id, engine.key, host)
+        return dataclasses.replace(request, pinned=host)
+    return request
+
+
+def check_connect(run: Callable[[str], Any], spark_home: str, python: str) -> tuple[str, str] | None:
+    """`ssh-spec check` of a connect-mode spec on a host: Spark ships the Connect server and the kernel's Python
+    imports the Connect client. None when fine, else (problem, fix)."""
+    if run(f"ls {shlex.quote(spark_home)}/jars/spark-connect_*.jar >/dev/null 2>&1").status != 0:
+        return (f"{spark_home}/jars has no spark-connect_*.jar: this Spark cannot run a Spark Connect server",
+                "install Spark 4 (pip's pyspark 4 ships it) at SPARK_HOME")  # fmt: skip
+    probe = "import pyspark.sql.connect.session"
+    if python and run(f"{shlex.quote(python)} -c {shlex.quote(probe)} 2>&1").status != 0:
+        return (f"{python} cannot import pyspark's Spark Connect client (pandas, pyarrow, grpcio, ...)",
+                f"{python} -m pip install 'pyspark[connect]'")  # fmt: skip
+    return None
