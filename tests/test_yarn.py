@@ -352,8 +352,11 @@ async def test_an_idle_yarn_kernel_is_culled_by_jupyter_server_with_its_applicat
         server.start()
         kernel_id = server.start_kernel("yarn_lazy")
         host = next(h for h in lab.hosts if kernel_processes(h, kernel_id))
-        out = await run_code(server.base, kernel_id, "print(sc.applicationId, spark.range(7).count())")
-        app_id, count = out.strip().splitlines()[-1].split()
+        code = "try:\n    print(sc.applicationId, spark.range(7).count())\nexcept Exception as e:\n    print(repr(e))"
+        out = await run_code(server.base, kernel_id, code)
+        words = out.split()
+        assert len(words) == 2, f"cell output {out!r}; server log: {server.log_text()[-3000:]}"
+        app_id, count = words
         assert count == "7" and yarn_lab.app(app_id)["state"] == "RUNNING"
         await until(lambda: kernel_id not in server.kernels(), timeout=120)
         assert "Culling 'idle' kernel" in server.log_text()
