@@ -81,8 +81,9 @@ class _Connection:
 
 
 # A kept connection is reused only while it was used this recently: the listener drops idle ones after
-# sg_control.KEEP_IDLE (60 s), so a reused connection is never one it is closing.
-KEEP_IDLE = 30.0
+# sg_control.KEEP_IDLE (60 s), so a reused connection is never one it is closing; above the provisioner's
+# POLL_LEASE (30 s), so the real polls keep reusing it.
+KEEP_IDLE = 45.0
 
 
 def _checked(where: str, op: str, reply: dict[str, Any]) -> dict[str, Any]:

@@ -134,7 +134,7 @@ async def place_request(provisioner: Any, request: Any, argv: list[str]) -> Any:
     except EngineRefused as exc:
         raise ProvisionerError(400, str(exc)) from None
     request.exports.update(engine.exports(provisioner.engine_idle_timeout))
-    kernel_tags = shlex.quote(yarn.submit_conf(request.kernel_id))
+    kernel_tags = shlex.quote(yarn.submit_conf(request.kernel_id, provisioner.yarn_gateway_id))
     if kernel_tags in request.exports.get("SPARK_OPTS", ""):  # YARN: the engine is no kernel's to reconcile
         request.exports["SPARK_OPTS"] = request.exports["SPARK_OPTS"].replace(
             kernel_tags, shlex.quote(yarn_conf(engine))

@@ -38,7 +38,7 @@ from .ssh import SshError
 
 __all__ = ["DistributedProvisioner", "ProvisionerError"]
 
-POLL_LEASE = 15.0  # seconds a kept control connection vouches for its kernel between real polls
+POLL_LEASE = 30.0  # seconds a kept control connection vouches for its kernel between real polls
 
 
 class HostUnavailable(Exception):

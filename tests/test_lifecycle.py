@@ -300,7 +300,7 @@ async def test_polls_ride_one_kept_connection_that_reports_the_kernel_s_death_at
         if not channel.vouches(60.0):
             break
         await asyncio.sleep(0.1)
-    assert not channel.vouches(60.0)  # well inside the lease, which alone would have vouched for 15 s
+    assert not channel.vouches(60.0)  # well inside the lease, which alone would have vouched for 30 s
     assert await km.provisioner.poll() is not None
     await km.shutdown_kernel(now=True)
 
