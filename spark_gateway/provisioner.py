@@ -339,12 +339,19 @@ class DistributedProvisioner(GatewayOptions, KernelProvisionerBase):  # type: ig
             self._control = ControlChannel(*self.listener)
         return await self._control.request(op, args, timeout=timeout)
 
-    def _control_vouches(self) -> bool:
-        """The kept control connection proves the kernel alive (ControlChannel.vouches); a real request goes
-        at least every POLL_LEASE seconds, and three times per orphan_timeout so the listener sees the polls."""
-        lease = min(POLL_LEASE, self.orphan_timeout / 3) if self.orphan_timeout > 0 else POLL_LEASE
+    async def _control_vouches(self) -> bool:
+        """The kept control connection proves the kernel alive (ControlChannel.vouches). A real request goes at
+        least every POLL_LEASE seconds, every unreachable_grace (a silent host is reported lost within twice the
+        grace), and three times per orphan_timeout (the listener must see polls)."""
+        lease = min(POLL_LEASE, self.unreachable_grace)
+        if self.orphan_timeout > 0:
+            lease = min(lease, self.orphan_timeout / 3)
         channel = self._control
-        return channel is not None and channel.address == self.listener and channel.vouches(lease)
+        if channel is None or channel.address != self.listener or not channel.vouches(lease):
+            return False
+        for _ in range(2):  # two loop turns: a close that already arrived is read (events run after the ready queue)
+            await asyncio.sleep(0)
+        return channel.vouches(lease)
 
     def _close_control(self) -> None:
         if self._control is not None:
@@ -371,7 +378,7 @@ class DistributedProvisioner(GatewayOptions, KernelProvisionerBase):  # type: ig
         if self.pid is None or self.host is None:
             return 0 if self._exit_status is None else self._exit_status
         try:
-            if not self._control_vouches():
+            if not await self._control_vouches():
                 await self.control("poll", timeout=2.0)
             self._unreachable_since = None
             return None
