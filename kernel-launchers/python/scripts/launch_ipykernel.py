@@ -560,7 +560,7 @@ def main(argv: list[str] | None = None) -> None:
     # The callback goes before any file of the user can run (IPython's config and startup files, extensions, the
     # user site's .pth files): none of them ever sees a pending launch. The kernel binds right after; the gateway
     # waits for that (control op `ready`) before it hands the kernel to its clients, so they connect at their first
-    # attempt; a kernel that cannot bind dies, which fails the start with its log.
+    # attempt; a kernel that cannot bind dies, and is then found dead like any other.
     fields = sg_callback.payload_fields(args.kernel_id, info, pid, pgid, listener, str(path))
     try:
         sender.send(fields)
