@@ -75,10 +75,12 @@ def yarn_specs(kernels_dir: Path, yarn_lab: YarnLab) -> Path:
     return install_yarn_specs(kernels_dir, yarn_lab)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def yarn_accounts(lab: HostLab, yarn_lab: YarnLab) -> Iterator[Accounts]:
     """`sggw` (the gateway's SSH account, may `sudo -u` alice and bob) and alice and bob on lab host 2, a NodeManager
-    host (which must keep seeing its jars), with the YARN specs where all of them can read them (lab_accounts.py)."""
+    host (which must keep seeing its jars), with the YARN specs where all of them can read them (lab_accounts.py).
+    For one test only: while they exist, that host's /root is another, so its NodeManager cannot localise what
+    drivers of other hosts stage in root's ~/.sparkStaging."""
     if lab.mode != "netns":
         pytest.skip("accounts private to one host need the lab's netns mode (root)")
     keys = lab.dir / "authorized_keys"
@@ -129,6 +131,37 @@ async def ended(yarn_lab: YarnLab, lab: HostLab, app_id: str) -> dict[str, Any]:
     await until(lambda: yarn_lab.app(app_id)["state"] in ENDED, timeout=END_BOUND)
     await until(lambda: not app_processes(lab, app_id), timeout=max(1.0, END_BOUND - (time.monotonic() - start)))
     return yarn_lab.app(app_id)
+
+
+async def test_gateway_start_kills_orphans_and_spares_restored_kernels(lab, yarn_lab, yarn_specs, tmp_path):
+    """A `jupyter server` (DistributedMappingKernelManager) runs two lazy YARN kernels and is SIGKILLed; the session
+    record of one is lost (as when its host stayed away longer than unreachable_grace at a restart), so the next
+    server knows nothing of it while its driver still holds a RUNNING application. The next start restores the other
+    kernel, whose application keeps running, and kills the lost one's through the RM's REST API, with no kernel
+    started or stopped meanwhile."""
+    gateway_id = f"server-{uuid.uuid4().hex[:8]}"
+    server = ServerProcess(lab, tmp_path, [yarn_specs / "yarn_lazy"], SG_YARN_GATEWAY_ID=gateway_id)
+    kept = lost = ""
+    try:
+        server.start()
+        kept, lost = server.start_kernel("yarn_lazy"), server.start_kernel("yarn_lazy")
+        apps = {kernel_id: await running_app(yarn_lab, kernel_id) for kernel_id in (kept, lost)}
+        assert yarn.gateway_tag(gateway_id) in rm_app(yarn_lab, lost)["applicationTags"].split(",")
+        server.kill()
+        (server.store / f"{lost}.json").unlink()
+        server.start()
+        await until(lambda: yarn_lab.app(apps[lost])["state"] == "KILLED", timeout=120)
+        assert f"killed YARN application {apps[lost]}" in server.log_text()
+        assert kept in server.kernels() and yarn_lab.app(apps[kept])["state"] == "RUNNING"
+        assert (await run_code(server.base, kept, "print(sc.applicationId)")).strip().endswith(apps[kept])
+    finally:
+        for host in lab.hosts:  # the lost kernel runs on, unknown to the server
+            for pid, _ in kernel_processes(host, lost) if lost else []:
+                host.run(["kill", "-KILL", str(pid)], check=False)
+        if server.proc is not None:
+            for kernel_id in server.kernels():
+                server.delete_kernel(kernel_id)
+            server.stop()
 
 
 async def test_lazy_kernel_runs_jobs_on_yarn_interrupts_and_shuts_down(lab, managers, yarn_lab, yarn_specs, caplog):
@@ -310,37 +343,6 @@ async def test_orphaned_applications_are_killed_at_the_first_launch_and_at_clean
         proc.wait()
 
 
-async def test_gateway_start_kills_orphans_and_spares_restored_kernels(lab, yarn_lab, yarn_specs, tmp_path):
-    """A `jupyter server` (DistributedMappingKernelManager) runs two lazy YARN kernels and is SIGKILLed; the session
-    record of one is lost (as when its host stayed away longer than unreachable_grace at a restart), so the next
-    server knows nothing of it while its driver still holds a RUNNING application. The next start restores the other
-    kernel, whose application keeps running, and kills the lost one's through the RM's REST API, with no kernel
-    started or stopped meanwhile."""
-    gateway_id = f"server-{uuid.uuid4().hex[:8]}"
-    server = ServerProcess(lab, tmp_path, [yarn_specs / "yarn_lazy"], SG_YARN_GATEWAY_ID=gateway_id)
-    kept = lost = ""
-    try:
-        server.start()
-        kept, lost = server.start_kernel("yarn_lazy"), server.start_kernel("yarn_lazy")
-        apps = {kernel_id: await running_app(yarn_lab, kernel_id) for kernel_id in (kept, lost)}
-        assert yarn.gateway_tag(gateway_id) in rm_app(yarn_lab, lost)["applicationTags"].split(",")
-        server.kill()
-        (server.store / f"{lost}.json").unlink()
-        server.start()
-        await until(lambda: yarn_lab.app(apps[lost])["state"] == "KILLED", timeout=120)
-        assert f"killed YARN application {apps[lost]}" in server.log_text()
-        assert kept in server.kernels() and yarn_lab.app(apps[kept])["state"] == "RUNNING"
-        assert (await run_code(server.base, kept, "print(sc.applicationId)")).strip().endswith(apps[kept])
-    finally:
-        for host in lab.hosts:  # the lost kernel runs on, unknown to the server
-            for pid, _ in kernel_processes(host, lost) if lost else []:
-                host.run(["kill", "-KILL", str(pid)], check=False)
-        if server.proc is not None:
-            for kernel_id in server.kernels():
-                server.delete_kernel(kernel_id)
-            server.stop()
-
-
 async def test_an_idle_yarn_kernel_is_culled_by_jupyter_server_with_its_application(
     lab, yarn_lab, yarn_specs, tmp_path
 ):
@@ -354,7 +356,7 @@ async def test_an_idle_yarn_kernel_is_culled_by_jupyter_server_with_its_applicat
         host = next(h for h in lab.hosts if kernel_processes(h, kernel_id))
         code = "try:\n    print(sc.applicationId, spark.range(7).count())\nexcept Exception as e:\n    print(repr(e))"
         out = await run_code(server.base, kernel_id, code)
-        words = out.split()
+        words = out.strip().splitlines()[-1].split() if out.strip() else []  # after the "Spark application" line
         assert len(words) == 2, f"cell output {out!r}; server log: {server.log_text()[-3000:]}"
         app_id, count = words
         assert count == "7" and yarn_lab.app(app_id)["state"] == "RUNNING"
