@@ -81,9 +81,18 @@ class _Connection:
 
 
 # A kept connection is reused only while it was used this recently: the listener drops idle ones after
-# sg_control.KEEP_IDLE (60 s), so a reused connection is never one it is closing; above the provisioner's
-# POLL_LEASE (30 s), so the real polls keep reusing it.
+# sg_control.KEEP_IDLE (60 s), so a reused connection is never one it is closing; above POLL_LEASE (30 s), so the
+# real polls keep reusing it.
 KEEP_IDLE = 45.0
+POLL_LEASE = 30.0  # the longest a kept connection vouches for its kernel between real requests
+
+
+def poll_lease(unreachable_grace: float, orphan_timeout: float) -> float:
+    """How long a kept connection may vouch for its kernel: a real request goes at least every POLL_LEASE
+    seconds, every `unreachable_grace` (a silent host is reported lost within twice the grace), and three times
+    per `orphan_timeout` (the listener must see polls; 0 = none)."""
+    lease = min(POLL_LEASE, unreachable_grace)
+    return min(lease, orphan_timeout / 3) if orphan_timeout > 0 else lease
 
 
 def _checked(where: str, op: str, reply: dict[str, Any]) -> dict[str, Any]:
@@ -185,6 +194,22 @@ class ControlChannel:
         else:  # the listener did not offer another request (e.g. after `shutdown`)
             connection.close()
         return reply
+
+    async def until_bound(self, deadline: float, wait: float) -> bool:
+        """Ask (op `ready`, each answer within `wait` s) until the kernel's sockets are bound; False at `deadline`."""
+        while not (await self.request("ready", {"wait": wait}, timeout=wait + 2))["ready"]:
+            if time.monotonic() > deadline:
+                return False
+        return True
+
+    async def vouched(self, lease: float) -> bool:
+        """`vouches`, once the event loop has turned twice: a close that already arrived is read first (its event
+        runs after the ready queue), and a tight poll loop yields."""
+        if not self.vouches(lease):
+            return False
+        for _ in range(2):
+            await asyncio.sleep(0)
+        return self.vouches(lease)
 
     def vouches(self, lease: float) -> bool:
         """True while the kept connection is open and answered within `lease` seconds.

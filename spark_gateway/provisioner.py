@@ -23,7 +23,7 @@ from jupyter_client.provisioning import KernelProvisionerBase
 from . import engines, tunnel, yarn
 from .callback import public_key_b64
 from .config import GatewayOptions
-from .control import ControlChannel, ControlError, ControlFailed, ControlRefused
+from .control import ControlChannel, ControlError, ControlFailed, ControlRefused, poll_lease
 from .errors import ProvisionerError
 from .gateway import HOST_ERRORS, Cluster, Gateway
 from .hosts import Host
@@ -37,8 +37,6 @@ from .sparkwatch import SparkWatch
 from .ssh import SshError
 
 __all__ = ["DistributedProvisioner", "ProvisionerError"]
-
-POLL_LEASE = 30.0  # seconds a kept control connection vouches for its kernel between real polls
 
 
 class HostUnavailable(Exception):
@@ -247,10 +245,8 @@ class DistributedProvisioner(GatewayOptions, KernelProvisionerBase):  # type: ig
         attempt instead of after ZMQ's reconnect interval (100 ms). Only a wait: a listener that cannot be asked
         leaves the kernel to its clients' retries, and a kernel that dies is then found dead like any other."""
         try:
-            while not (await self.control("ready", {"wait": INFO_MAX_WAIT}, timeout=INFO_MAX_WAIT + 2))["ready"]:
-                if time.monotonic() > deadline:
-                    self.log.warning("kernel %s: sockets still not bound at the launch timeout", self.kernel_id)
-                    return
+            if not await self._channel().until_bound(deadline, INFO_MAX_WAIT):
+                self.log.warning("kernel %s: sockets still not bound at the launch timeout", self.kernel_id)
         except ControlError as exc:
             self.log.warning("kernel %s: cannot ask whether its ports are bound (%s)", self.kernel_id, exc)
 
@@ -327,26 +323,22 @@ class DistributedProvisioner(GatewayOptions, KernelProvisionerBase):  # type: ig
     # ------------------------------------------------------------------ talking to the running kernel
     async def control(self, op: str, args: dict[str, Any] | None = None, timeout: float = 3.0) -> dict[str, Any]:
         """One authenticated request to the kernel's control listener (raises ControlError)."""
+        return await self._channel().request(op, args, timeout=timeout)
+
+    def _channel(self) -> ControlChannel:
+        """The kept connection to the kernel's listener as now known (a restart or a tunnel changes it)."""
         if self.listener is None:
             raise ControlError("no control listener is known for this kernel")
         if self._control is None or self._control.address != self.listener:
             self._close_control()
             self._control = ControlChannel(*self.listener)
-        return await self._control.request(op, args, timeout=timeout)
+        return self._control
 
     async def _control_vouches(self) -> bool:
-        """The kept control connection proves the kernel alive (ControlChannel.vouches). A real request goes at
-        least every POLL_LEASE seconds, every unreachable_grace (a silent host is reported lost within twice the
-        grace), and three times per orphan_timeout (the listener must see polls)."""
-        lease = min(POLL_LEASE, self.unreachable_grace)
-        if self.orphan_timeout > 0:
-            lease = min(lease, self.orphan_timeout / 3)
+        """The kept control connection proves the kernel alive (ControlChannel.vouches) within its lease."""
         channel = self._control
-        if channel is None or channel.address != self.listener or not channel.vouches(lease):
-            return False
-        for _ in range(2):  # two loop turns: a close that already arrived is read (events run after the ready queue)
-            await asyncio.sleep(0)
-        return channel.vouches(lease)
+        lease = poll_lease(self.unreachable_grace, self.orphan_timeout)
+        return channel is not None and channel.address == self.listener and await channel.vouched(lease)
 
     def _close_control(self) -> None:
         if self._control is not None:

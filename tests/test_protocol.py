@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from spark_gateway import control
 from spark_gateway.callback import PayloadError, ResponseServer, decrypt_payload, generate_key_pair
 from spark_gateway.control import ControlChannel, ControlError, ControlRefused, control_request
 from spark_gateway.protocol import MAX_MESSAGE, request_mac
@@ -554,3 +555,12 @@ def test_an_in_process_interrupt_goes_to_the_thread_that_runs_the_cells() -> Non
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_kept_connection_vouches_no_longer_than_the_grace_and_the_orphan_timeout_allow() -> None:
+    """The lease: POLL_LEASE at most, never longer than unreachable_grace, a third of orphan_timeout (0 = none)."""
+    assert control.poll_lease(unreachable_grace=60.0, orphan_timeout=0.0) == control.POLL_LEASE
+    assert control.poll_lease(unreachable_grace=10.0, orphan_timeout=0.0) == 10.0
+    assert control.poll_lease(unreachable_grace=60.0, orphan_timeout=1800.0) == control.POLL_LEASE
+    assert control.poll_lease(unreachable_grace=60.0, orphan_timeout=45.0) == 15.0
+    assert control.poll_lease(unreachable_grace=5.0, orphan_timeout=45.0) == 5.0
