@@ -8,6 +8,7 @@ paramiko channels, and one thread per direction of each forwarded connection.
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import threading
 import weakref
@@ -22,6 +23,17 @@ from .ssh import send_eof
 # at most this many callbacks are spliced at once per SSH connection (four times as many connections to a kernel's
 # forwarded ports, which only local users reach); more are closed.
 MAX_SPLICES = 32
+CONNECT_FAILED = 2  # SSH_OPEN_CONNECT_FAILED: nothing listens at the forwarded port on the host
+
+log = logging.getLogger(__name__)
+
+
+class _QuietRefusals(logging.Filter):
+    """paramiko logs every refused channel as an ERROR. A forward refused because its kernel has ended is expected
+    (ZMQ clients reconnect every 100 ms until they are closed), so those lines go; other refusals stay."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().endswith("open FAILED: Connection refused: Connect failed")
 
 
 def _half_close(end: Any) -> None:
@@ -107,7 +119,10 @@ class Tunnels:
 
     def __init__(self, transport: paramiko.Transport) -> None:
         self.transport = transport
+        if not any(isinstance(f, _QuietRefusals) for f in transport.logger.filters):
+            transport.logger.addFilter(_QuietRefusals())
         self._listeners: list[socket.socket] = []
+        self._warned: set[int] = set()
         self._slots = threading.BoundedSemaphore(4 * MAX_SPLICES)  # loopback only: the gateway machine's users
 
     def forward(self, remote_port: int) -> int:
@@ -132,9 +147,13 @@ class Tunnels:
                 channel = self.transport.open_channel(
                     "direct-tcpip", ("127.0.0.1", remote_port), conn.getpeername(), timeout=10
                 )
-            except (paramiko.SSHException, EOFError, OSError):
+            except (paramiko.SSHException, EOFError, OSError) as exc:
                 self._slots.release()
                 conn.close()
+                if getattr(exc, "code", None) != CONNECT_FAILED and remote_port not in self._warned:
+                    self._warned.add(remote_port)  # e.g. forwarding prohibited by the host's sshd: said once
+                    log.warning("cannot forward to port %d of the host: %s (sshd_config: AllowTcpForwarding)",
+                                remote_port, exc)  # fmt: skip
                 continue
             splice(conn, channel, self._slots.release)
 

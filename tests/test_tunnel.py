@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 
 import pytest
 
+from spark_gateway import tunnel
 from tests.conftest import env, execute, kernel_processes, wait_for
 from tests.test_lifecycle import REATTACH
 
@@ -46,7 +49,7 @@ async def test_without_tunneling_the_walled_host_cannot_call_back(walled_host, m
 
 
 @pytest.mark.asyncio
-async def test_tunneled_kernel_works_through_ssh_alone(walled_host, managers):
+async def test_tunneled_kernel_works_through_ssh_alone(walled_host, managers, caplog):
     km = managers(enable_tunneling=True)
     await km.start_kernel(env=env(KERNEL_REMOTE_HOST=walled_host.name))
     info = km.get_connection_info()
@@ -66,6 +69,17 @@ async def test_tunneled_kernel_works_through_ssh_alone(walled_host, managers):
     finally:
         kc.stop_channels()
     assert await km.provisioner.control("poll") == {"ok": True, "alive": True}
+
+    # a forward whose port nothing listens at (its kernel ended) is refused without an ERROR line per attempt
+    forwards = tunnel.Tunnels(km.provisioner._tunnels.transport)  # noqa: SLF001
+    port = forwards.forward(1)
+    with caplog.at_level(logging.DEBUG):
+        for _ in range(3):  # as ZMQ clients keep reconnecting
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                assert conn.recv(1) == b""  # closed once the host refused
+    forwards.close()
+    said = [r.getMessage() for r in caplog.records if r.name.startswith(("paramiko", "spark_gateway"))]
+    assert not [m for m in said if "open FAILED" in m or "cannot forward" in m], said
     await km.shutdown_kernel()
     assert wait_for(lambda: not kernel_processes(walled_host, km.kernel_id), 1.0)
     assert not [p for p, cmd in walled_host.processes() if "ssh" not in cmd and km.kernel_id in cmd]
