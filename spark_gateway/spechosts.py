@@ -498,11 +498,22 @@ def sync_host(host: Host, spec: Spec, out: Callable[[str], None]) -> bool:
         out(f"{tag} copying {len(local)} files ({size / 1024:.1f} KiB) to {spec.path} ({why})")
         started = time.monotonic()
         _upload(host, spec.path)
-        out(f"{tag} done in {time.monotonic() - started:.2f} s")
+        out(f"{tag} done in {time.monotonic() - started:.2f} s{_precompile(host, spec)}")
         return True
     except (SshError, OSError, EOFError, paramiko.SSHException) as exc:
         out(f"{tag} FAILED: {exc}")
         return False
+
+
+def _precompile(host: Host, spec: Spec) -> str:
+    """Compile the launcher scripts on the host with the Python that runs them: kernels of impersonated users
+    cannot write `__pycache__` in the spec and would otherwise compile them at every launch. '' when done, else
+    why not (the spec works either way)."""
+    scripts = spec.path / "scripts"
+    res = host.run(f"{shlex.quote(spec.probe_python)} -m compileall -q {shlex.quote(str(scripts))}")
+    if res.status == 0:
+        return ""
+    return f" (scripts not precompiled: {(res.stdout + res.stderr).strip()[-200:] or f'exit {res.status}'})"
 
 
 def sync(specs: list[Spec], settings: Settings, out: Callable[[str], None] = print) -> bool:

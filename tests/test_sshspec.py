@@ -88,9 +88,10 @@ def config_of(spec: dict) -> dict:
 
 
 def remote_listing(host: LabHost, path: str) -> str:
-    """sha256 and mode of every file of a directory on a host ('' when it does not exist)."""
-    script = f"cd {path} 2>/dev/null || exit 0; find . -type f -printf '%m %p\\n' | sort; "
-    script += "find . -type f | sort | xargs sha256sum"
+    """sha256 and mode of every file of a directory on a host ('' when it does not exist), caches left out."""
+    files = "find . -name __pycache__ -prune -o -type f"
+    script = f"cd {path} 2>/dev/null || exit 0; {files} -printf '%m %p\\n' | sort; "
+    script += f"{files} -print | sort | xargs sha256sum"
     return host.run(["sh", "-c", script]).stdout
 
 
@@ -561,6 +562,9 @@ def test_sync_copies_to_hosts_that_lack_the_spec_then_skips_identical_ones(
             and "(missing there)" in proc.stdout
         )
         assert remote_listing(host, f"{KERNELS}/ssh_python") == remote_listing(gateway, f"{KERNELS}/ssh_python")
+        # compiled there by the kernel's Python, so that kernels of users who cannot write the spec do not compile
+        cached = host.run(["sh", "-c", f"ls {KERNELS}/ssh_python/scripts/__pycache__"]).stdout.split()
+        assert {c.split(".")[0] for c in cached} >= {"sg_callback", "sg_control", "sg_ports"}, cached
     assert tables(proc.stdout)["ssh_python"] == {h.name: dict.fromkeys(CHECKS, "ok") | {"spark-submit": "n/a"}
                                                  for h in (one, two)}  # fmt: skip
     inode = one.run(["stat", "-c", "%i", f"{KERNELS}/ssh_python"]).stdout
