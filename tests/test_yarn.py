@@ -319,13 +319,13 @@ async def test_gateway_start_kills_orphans_and_spares_restored_kernels(lab, yarn
         assert yarn_lab.app(apps[kept])["state"] == "RUNNING", server.log_text()[-3000:]
         assert (await run_code(server.base, kept, "print(sc.applicationId)")).strip().endswith(apps[kept])
     finally:
-        for host in lab.hosts:  # the lost kernel runs on, unknown to the server
-            for pid, _ in kernel_processes(host, lost) if lost else []:
-                host.run(["kill", "-KILL", str(pid)], check=False)
         if server.proc is not None:
             for kernel_id in server.kernels():
                 server.delete_kernel(kernel_id)
             server.stop()
+        for host in lab.hosts:  # the lost kernel runs on, unknown to the server (the kept one too if no server is up)
+            for pid, _ in [found for k in (kept, lost) if k for found in kernel_processes(host, k)]:
+                host.run(["kill", "-KILL", str(pid)], check=False)
 
 
 async def test_an_idle_yarn_kernel_is_culled_by_jupyter_server_with_its_application(
