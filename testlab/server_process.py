@@ -16,6 +16,7 @@ from testlab.hostlab import HostLab
 from testlab.jupyter_rest import AUTH, TOKEN, _free_port
 
 MANAGER = "spark_gateway.server.DistributedMappingKernelManager"
+START_BOUND = 180.0  # seconds for `jupyter server` to answer: its imports alone took 40+ s at load 16 on 2 cores
 
 
 class ServerProcess:
@@ -57,14 +58,15 @@ class ServerProcess:
         )  # fmt: skip
         log.close()
         self.base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + START_BOUND
         while time.monotonic() < deadline:
             try:
                 if requests.get(f"{self.base}/api/status", headers=AUTH, timeout=2).ok:
                     return self.base
             except requests.ConnectionError:
                 time.sleep(0.1)
-        raise RuntimeError(f"jupyter server did not start: {self.log_text()[-2000:]}")
+        self.kill()  # not left half-started (the test's cleanup then has no server to ask)
+        raise RuntimeError(f"jupyter server did not answer within {START_BOUND:g} s: {self.log_text()[-2000:]}")
 
     def kill(self) -> None:
         """SIGKILL: the server gets no chance to shut anything down or write anything."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -78,16 +79,19 @@ def add_spec(kernels_dir: Path, name: str, edit: Callable[[dict], None]) -> str:
     return name
 
 
-@pytest_asyncio.fixture
-async def managers(lab: HostLab, kernels_dir: Path) -> AsyncIterator[Callable[..., AsyncKernelManager]]:
-    """Factory of kernel managers on the lab; every kernel still running at the end is shut down."""
+@contextlib.asynccontextmanager
+async def kernel_managers(
+    lab: HostLab, kernels_dir: Path, **options: Any
+) -> AsyncIterator[Callable[..., AsyncKernelManager]]:
+    """Factory of kernel managers of the specs in `kernels_dir`, with the gateway configured for the lab (`options`,
+    then the factory call's own config, on top); every kernel still running at the end is shut down."""
     made: list[AsyncKernelManager] = []
 
     def make(kernel_name: str = "ssh_python", **config: Any) -> AsyncKernelManager:
         km = AsyncKernelManager(
             kernel_name=kernel_name,
             kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernels_dir)]),
-            config=gateway_config(lab, **config),
+            config=gateway_config(lab, **(options | config)),
         )
         made.append(km)
         return km
@@ -96,6 +100,13 @@ async def managers(lab: HostLab, kernels_dir: Path) -> AsyncIterator[Callable[..
     for km in made:
         if km.has_kernel:
             await km.shutdown_kernel(now=True)
+
+
+@pytest_asyncio.fixture
+async def managers(lab: HostLab, kernels_dir: Path) -> AsyncIterator[Callable[..., AsyncKernelManager]]:
+    """Factory of kernel managers on the lab; every kernel still running at the end is shut down."""
+    async with kernel_managers(lab, kernels_dir) as make:
+        yield make
 
 
 def kernel_processes(host: LabHost, kernel_id: str) -> list[tuple[int, str]]:

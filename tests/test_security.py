@@ -22,14 +22,13 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from jupyter_client import AsyncKernelManager
-from jupyter_client.kernelspec import KernelSpecManager
 
 from spark_gateway.specs import SpecOptions, install
 from testlab.gateway import write_spec
 from testlab.hostlab import HostLab
 from testlab.lab_accounts import Accounts, lab_accounts
 from testlab.spark_cluster import SPARK_HOME
-from tests.conftest import env, eventually, execute, gateway_config, kernel_processes
+from tests.conftest import env, eventually, execute, kernel_managers, kernel_processes
 
 pytestmark = pytest.mark.asyncio
 
@@ -61,8 +60,7 @@ def accounts(lab: HostLab) -> Iterator[Accounts]:
         data = json.loads(spec.read_text())
         data["env"].update(HADOOP_CONF_DIR=str(conf), SPARK_PRINT_LAUNCH_COMMAND="1")
         spec.write_text(json.dumps(data))
-        for path in sorted(kernels.rglob("*")) + [kernels]:
-            path.chmod(0o755 if path.is_dir() or os.access(path, os.X_OK) else 0o644)
+        readable_by_all(kernels)
         secret = made.home(GATEWAY) / "secret"
         secret.write_text("the gateway's own secret\n")
         secret.chmod(0o600)
@@ -70,25 +68,24 @@ def accounts(lab: HostLab) -> Iterator[Accounts]:
         yield made
 
 
+def readable_by_all(kernels: Path) -> None:
+    """Make a kernels directory readable (and its scripts runnable) by every account on the host."""
+    for path in sorted(kernels.rglob("*")) + [kernels]:
+        path.chmod(0o755 if path.is_dir() or os.access(path, os.X_OK) else 0o644)
+
+
+def impersonating(lab: HostLab, accounts: Accounts) -> contextlib.AbstractAsyncContextManager[Any]:
+    """`kernel_managers` of `accounts`' kernelspecs, for a gateway that logs in as sggw to their host and
+    impersonates."""
+    options = {"remote_user": GATEWAY, "impersonation_enabled": True, "remote_hosts": [accounts.host.name]}
+    return kernel_managers(lab, accounts.base / "kernels", **options)
+
+
 @pytest_asyncio.fixture
 async def as_gateway(lab: HostLab, accounts: Accounts) -> Any:
     """Kernel managers of a gateway that logs in as sggw and impersonates; kernels still up are shut down."""
-    made: list[AsyncKernelManager] = []
-
-    def make(kernel_name: str = "ssh_python", **config: Any) -> AsyncKernelManager:
-        options = {"remote_user": GATEWAY, "impersonation_enabled": True, "remote_hosts": [accounts.host.name]}
-        km = AsyncKernelManager(
-            kernel_name=kernel_name,
-            kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(accounts.base / "kernels")]),
-            config=gateway_config(lab, **(options | config)),
-        )
-        made.append(km)
-        return km
-
-    yield make
-    for km in made:
-        if km.has_kernel:
-            await km.shutdown_kernel(now=True)
+    async with impersonating(lab, accounts) as make:
+        yield make
 
 
 def owners(accounts: Accounts, kernel_id: str) -> dict[str, set[str]]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import re
 import subprocess
 import sys
@@ -24,7 +23,6 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from jupyter_client import AsyncKernelManager
-from jupyter_client.kernelspec import KernelSpecManager
 
 from spark_gateway import yarn
 from spark_gateway.specs import SpecOptions, install
@@ -34,11 +32,11 @@ from testlab.lab_accounts import Accounts, lab_accounts
 from testlab.server_process import ServerProcess
 from testlab.spark_cluster import SPARK_HOME
 from testlab.yarn_lab import YarnLab, jars_dir, site_xml
-from tests.conftest import env, execute, gateway_config, kernel_processes
+from tests.conftest import env, execute, kernel_processes
 from tests.test_scala_kernel import SPARK35_HOME, TOREE_JAR, needs_spark35
 from tests.test_scala_kernel import client as scala_client
 from tests.test_scala_kernel import execute as scala_execute
-from tests.test_security import GATEWAY, owners
+from tests.test_security import GATEWAY, impersonating, owners, readable_by_all
 from tests.test_spark import log_text, submit_args, until
 from tests.test_sshspec import kernel_json, sshspec, tables
 
@@ -86,30 +84,15 @@ def yarn_accounts(lab: HostLab, yarn_lab: YarnLab) -> Iterator[Accounts]:
     keys = lab.dir / "authorized_keys"
     with lab_accounts(lab.hosts[1], GATEWAY, ["alice", "bob"], keys, visible=(jars_dir(),)) as made:
         kernels = install_yarn_specs(made.base / "kernels", yarn_lab)
-        for path in sorted(kernels.rglob("*")) + [kernels]:
-            path.chmod(0o755 if path.is_dir() or os.access(path, os.X_OK) else 0o644)
+        readable_by_all(kernels)
         yield made
 
 
 @pytest_asyncio.fixture
 async def as_sggw(lab: HostLab, yarn_accounts: Accounts) -> AsyncIterator[Callable[..., AsyncKernelManager]]:
     """Kernel managers of a gateway that logs in as sggw and impersonates; kernels still up are shut down."""
-    made: list[AsyncKernelManager] = []
-
-    def make(kernel_name: str) -> AsyncKernelManager:
-        options = {"remote_user": GATEWAY, "impersonation_enabled": True, "remote_hosts": [yarn_accounts.host.name]}
-        km = AsyncKernelManager(
-            kernel_name=kernel_name,
-            kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(yarn_accounts.base / "kernels")]),
-            config=gateway_config(lab, **options),
-        )
-        made.append(km)
-        return km
-
-    yield make
-    for km in made:
-        if km.has_kernel:
-            await km.shutdown_kernel(now=True)
+    async with impersonating(lab, yarn_accounts) as make:
+        yield make
 
 
 def rm_app(yarn_lab: YarnLab, kernel_id: str) -> dict[str, Any] | None:
@@ -131,37 +114,6 @@ async def ended(yarn_lab: YarnLab, lab: HostLab, app_id: str) -> dict[str, Any]:
     await until(lambda: yarn_lab.app(app_id)["state"] in ENDED, timeout=END_BOUND)
     await until(lambda: not app_processes(lab, app_id), timeout=max(1.0, END_BOUND - (time.monotonic() - start)))
     return yarn_lab.app(app_id)
-
-
-async def test_gateway_start_kills_orphans_and_spares_restored_kernels(lab, yarn_lab, yarn_specs, tmp_path):
-    """A `jupyter server` (DistributedMappingKernelManager) runs two lazy YARN kernels and is SIGKILLed; the session
-    record of one is lost (as when its host stayed away longer than unreachable_grace at a restart), so the next
-    server knows nothing of it while its driver still holds a RUNNING application. The next start restores the other
-    kernel, whose application keeps running, and kills the lost one's through the RM's REST API, with no kernel
-    started or stopped meanwhile."""
-    gateway_id = f"server-{uuid.uuid4().hex[:8]}"
-    server = ServerProcess(lab, tmp_path, [yarn_specs / "yarn_lazy"], SG_YARN_GATEWAY_ID=gateway_id)
-    kept = lost = ""
-    try:
-        server.start()
-        kept, lost = server.start_kernel("yarn_lazy"), server.start_kernel("yarn_lazy")
-        apps = {kernel_id: await running_app(yarn_lab, kernel_id) for kernel_id in (kept, lost)}
-        assert yarn.gateway_tag(gateway_id) in rm_app(yarn_lab, lost)["applicationTags"].split(",")
-        server.kill()
-        (server.store / f"{lost}.json").unlink()
-        server.start()
-        await until(lambda: yarn_lab.app(apps[lost])["state"] == "KILLED", timeout=120)
-        assert f"killed YARN application {apps[lost]}" in server.log_text()
-        assert kept in server.kernels() and yarn_lab.app(apps[kept])["state"] == "RUNNING"
-        assert (await run_code(server.base, kept, "print(sc.applicationId)")).strip().endswith(apps[kept])
-    finally:
-        for host in lab.hosts:  # the lost kernel runs on, unknown to the server
-            for pid, _ in kernel_processes(host, lost) if lost else []:
-                host.run(["kill", "-KILL", str(pid)], check=False)
-        if server.proc is not None:
-            for kernel_id in server.kernels():
-                server.delete_kernel(kernel_id)
-            server.stop()
 
 
 async def test_lazy_kernel_runs_jobs_on_yarn_interrupts_and_shuts_down(lab, managers, yarn_lab, yarn_specs, caplog):
@@ -341,6 +293,39 @@ async def test_orphaned_applications_are_killed_at_the_first_launch_and_at_clean
     finally:
         proc.kill()
         proc.wait()
+
+
+async def test_gateway_start_kills_orphans_and_spares_restored_kernels(lab, yarn_lab, yarn_specs, tmp_path):
+    """A `jupyter server` (DistributedMappingKernelManager) runs two lazy YARN kernels and is SIGKILLed; the session
+    record of one is lost (as when its host stayed away longer than unreachable_grace at a restart), so the next
+    server knows nothing of it while its driver still holds a RUNNING application. The next start restores the other
+    kernel, whose application keeps running, and kills the lost one's through the RM's REST API, with no kernel
+    started or stopped meanwhile."""
+    gateway_id = f"server-{uuid.uuid4().hex[:8]}"
+    server = ServerProcess(lab, tmp_path, [yarn_specs / "yarn_lazy"], SG_YARN_GATEWAY_ID=gateway_id)
+    kept = lost = ""
+    try:
+        server.start()
+        kept, lost = server.start_kernel("yarn_lazy"), server.start_kernel("yarn_lazy")
+        apps = {kernel_id: await running_app(yarn_lab, kernel_id) for kernel_id in (kept, lost)}
+        assert yarn.gateway_tag(gateway_id) in rm_app(yarn_lab, lost)["applicationTags"].split(",")
+        server.kill()
+        (server.store / f"{lost}.json").unlink()
+        server.start()
+        await until(lambda: yarn_lab.app(apps[lost])["state"] == "KILLED", timeout=120)
+        # the server logs the kill once the RM has answered its PUT, which can be after the RM shows KILLED
+        await until(lambda: f"killed YARN application {apps[lost]}" in server.log_text(), timeout=30)
+        assert kept in server.kernels(), server.log_text()[-3000:]
+        assert yarn_lab.app(apps[kept])["state"] == "RUNNING", server.log_text()[-3000:]
+        assert (await run_code(server.base, kept, "print(sc.applicationId)")).strip().endswith(apps[kept])
+    finally:
+        if server.proc is not None:
+            for kernel_id in server.kernels():
+                server.delete_kernel(kernel_id)
+            server.stop()
+        for host in lab.hosts:  # the lost kernel runs on, unknown to the server (the kept one too if no server is up)
+            for pid, _ in [found for k in (kept, lost) if k for found in kernel_processes(host, k)]:
+                host.run(["kill", "-KILL", str(pid)], check=False)
 
 
 async def test_an_idle_yarn_kernel_is_culled_by_jupyter_server_with_its_application(

@@ -225,6 +225,15 @@ class SparkSessionStarter:
         logging.getLogger("py4j").setLevel(logging.WARNING)  # not one line per py4j connection in the kernel log
 
     # -- creation
+    @staticmethod
+    def import_pyspark() -> None:
+        """Import what launching the JVM needs, in the calling thread. Eager mode does this before the kernel class's
+        imports: done beside them in the session's thread, these imports share the GIL with them and the JVM was
+        launched 0.2-1 s later. A failure is left to `create`, which reports it."""
+        with contextlib.suppress(Exception):
+            importlib.import_module("pyspark.java_gateway")
+            importlib.import_module("pyspark.sql")
+
     def start(self) -> None:
         """Create the session in a background thread."""
         self._thread = threading.Thread(target=self.create, name="spark-session", daemon=True)
@@ -531,6 +540,7 @@ def main(argv: list[str] | None = None) -> None:
         locate_pyspark()
         spark = SparkSessionStarter(log_stream_fd())
         if mode == "eager":
+            spark.import_pyspark()
             spark.start()  # the JVM boots while ipykernel is imported
 
     # Import errors and bad kernel classes must kill the launch before it reports success: the gateway then
