@@ -210,8 +210,19 @@ async def test_share_keys_follow_the_level_and_the_options() -> None:
     assert engines.plan("k1", "alice", "spec", ["run.sh", engines.SHARE_FLAG, "kernel"], env, "").key == "kernel-k1"
     server = ["run.sh", engines.SHARE_FLAG, "server"]
     assert engines.plan("k1", "alice", "s", server, env, "") == engines.plan("k2", "bob", "s", server, env, "")
-    with pytest.raises(engines.EngineRefused, match="impersonation"):
+    with pytest.raises(engines.EngineRefused, match="needs an engine account: set c.DistributedProvisioner.engine_acc"):
         engines.plan("k1", "alice", "s", server, env, "", impersonating=True)
+    with pytest.raises(engines.EngineRefused, match="must not be root"):
+        engines.plan("k1", "alice", "s", server, env, "", impersonating=True, engine_account="root")
+    with pytest.raises(engines.EngineRefused, match="engine_account 'Bad Name' is not"):
+        engines.plan("k1", "alice", "s", server, env, "", impersonating=True, engine_account="Bad Name")
+    shared = engines.plan("k1", "alice", "s", server, env, "", impersonating=True, engine_account="sgengine")
+    assert shared.account == "sgengine" and shared.exports(5)["GP_ENGINE_ACCOUNT"] == "sgengine"
+    assert engines.plan("k1", "alice", "s", argv, env, "", impersonating=True, engine_account="sgengine").account == ""
+    group = ["run.sh", engines.SHARE_FLAG, "group"]
+    assert engines.plan("k1", "alice", "s", group, env, "", True, "sgengine", group="team").key.startswith(
+        "group-team-"
+    )
     assert engines.primary_group("root") == "root"
     assert engines.plan("k1", "root", "s", ["run.sh", engines.SHARE_FLAG, "group"], env, "").key.startswith(
         "group-root-"
