@@ -178,12 +178,10 @@ def ensure_script(engine: EnginePlan, argv: list[str], exports: dict[str, str], 
     script = posixpath.join(posixpath.dirname(posixpath.dirname(argv[0])), "scripts", "spark_connect.py")
     lines = [f"export {name}={word}" for name, word in exports.items()]
     lines.append('python="${PYSPARK_DRIVER_PYTHON:-${PYSPARK_PYTHON:-python3}}"')
-    words = [
-        "sudo", "-n", "-u", engine.account, f"--preserve-env={','.join(exports)}", "--",
-        "PYTHON", "-s", script, "ensure", "--engine-key", engine.key, "--level", engine.level,
-        "--idle-timeout", f"{max(0.0, idle_timeout):g}", "--expect", kernel_id, "--grant", username,
-    ]  # fmt: skip
-    lines.append(shlex.join(words).replace("PYTHON", '"$python"', 1) + " 2>&1")
+    sudo = ["sudo", "-n", "-u", engine.account, f"--preserve-env={','.join(exports)}", "--"]
+    args = ["-s", script, "ensure", "--engine-key", engine.key, "--level", engine.level, "--idle-timeout",
+            f"{max(0.0, idle_timeout):g}", "--expect", kernel_id, "--grant", username]  # fmt: skip
+    lines.append(f'{shlex.join(sudo)} "$python" {shlex.join(args)} 2>&1')
     return "\n".join(lines) + "\n"
 
 
