@@ -568,7 +568,10 @@ class ConnectStarter(StartState):
             atexit.register(detach, self.directory, self.kernel_id)
             from pyspark.sql.connect.session import SparkSession
 
-            url = f"sc://localhost:{int(engine['port'])}/;token={engine['token']};session_id={session_id}"
+            user = pwd.getpwuid(os.geteuid()).pw_name  # sessions are keyed by (user_id, session_id)
+            url = (
+                f"sc://localhost:{int(engine['port'])}/;token={engine['token']};session_id={session_id};user_id={user}"
+            )
             session = SparkSession.builder.remote(url).create()  # never an earlier (dead) engine's session
             session.client.set_retry_policies(bounded_retries())
             details = {
@@ -578,6 +581,7 @@ class ConnectStarter(StartState):
                 "engine_user": engine.get("user"),
                 "host": engine.get("host"),
                 "session_id": session_id,
+                "user_id": user,
                 "app_id": session.conf.get("spark.app.id"),
                 "app_name": session.conf.get("spark.app.name"),
                 "master": session.conf.get("spark.master"),
