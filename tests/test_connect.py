@@ -224,7 +224,7 @@ async def test_shutdown_releases_the_session_and_ends_a_kernel_level_engine(lab,
     """A kernel shut down (not restarted) releases its session on the shared engine (its temp view is gone for a
     client giving its session id) and forgets its id; a kernel-level engine ends with its kernel, not after
     engine_idle_timeout."""
-    k1, k2 = (managers("connect_user_local", engine_idle_timeout=600.0) for _ in range(2))
+    k1, k2 = (managers("connect_user_local", engine_idle_timeout=20.0) for _ in range(2))
     await k1.start_kernel(env=env(KERNEL_USERNAME="dave"))
     i1 = await session_info(k1)
     await k2.start_kernel(env=env(KERNEL_USERNAME="dave"))
