@@ -241,6 +241,12 @@ class GatewayOptions(SshOptions, AccessOptions, CallbackOptions):
         help="Connect-mode kernelspecs: seconds a Spark Connect engine with no attached kernel runs before it stops; "
         "0: never (GP_ENGINE_IDLE_TIMEOUT; default: 600).",
     )
+    engine_account = Unicode(
+        config=True,
+        help="Connect-mode kernelspecs under impersonation: the local account (on every host) that group- and "
+        "server-level Spark Connect engines run as; the gateway's SSH account must be allowed to `sudo -u` it "
+        "(GP_ENGINE_ACCOUNT; default: none, and those levels are refused).",
+    )
     max_kernels_per_user = Integer(
         config=True,
         help="Kernels one KERNEL_USERNAME may run over all hosts; 0: no limit (GP_MAX_KERNELS_PER_USER; default: 0).",
@@ -257,6 +263,10 @@ class GatewayOptions(SshOptions, AccessOptions, CallbackOptions):
     @default("engine_idle_timeout")
     def _engine_idle_default(self) -> float:
         return env_float("GP_ENGINE_IDLE_TIMEOUT", 600.0)
+
+    @default("engine_account")
+    def _engine_account_default(self) -> str:
+        return os.environ.get("GP_ENGINE_ACCOUNT", "")
 
     @default("max_kernels_per_user")
     def _max_per_user_default(self) -> int:

@@ -46,7 +46,12 @@ def _free_uids(count: int) -> list[int]:
 
 @contextlib.contextmanager
 def lab_accounts(
-    host: LabHost, gateway: str, users: list[str], authorized_keys: Path, visible: tuple[Path, ...] = ()
+    host: LabHost,
+    gateway: str,
+    users: list[str],
+    authorized_keys: Path,
+    visible: tuple[Path, ...] = (),
+    groups: dict[str, str] | None = None,
 ) -> Iterator[Accounts]:
     """`gateway` (may `sudo -u` any of `users`, nothing else) and `users`, on `host` only (netns lab).
 
@@ -54,19 +59,25 @@ def lab_accounts(
     lab directory is made traversable (not listable) and that file readable meanwhile. When our Python is under
     root's 0700 home, the host gets a /root the users may enter, showing only what they need: the Python's top
     directory there and those of `visible` (e.g. the YARN jars a NodeManager on that host still has to read).
+    `groups` gives users a shared primary group (user -> group name); the others have their own.
     """
     base = Path(tempfile.mkdtemp(prefix="sg-accounts-"))
     base.chmod(0o755)
     names = [gateway, *users]
-    uids = dict(zip(names, _free_uids(len(names)), strict=True))
+    shared = sorted(set((groups or {}).values()))
+    ids = _free_uids(len(names) + len(shared))
+    uids = dict(zip(names, ids, strict=False))
+    gids = {name: uid for name, uid in uids.items() if name not in (groups or {})}
+    gids |= dict(zip(shared, ids[len(names) :], strict=True))
     (base / "home").mkdir(mode=0o755)
-    passwd, group = [], []
+    passwd = []
+    group = [f"{name}:x:{gid}:" for name, gid in gids.items()]
     for name, uid in uids.items():
         home = base / "home" / name
         home.mkdir(mode=0o700)
-        os.chown(home, uid, uid)
-        passwd.append(f"{name}:x:{uid}:{uid}::{home}:/bin/sh")
-        group.append(f"{name}:x:{uid}:")
+        gid = gids[(groups or {}).get(name, name)]
+        os.chown(home, uid, gid)
+        passwd.append(f"{name}:x:{uid}:{gid}::{home}:/bin/sh")
     files = {
         "passwd": Path("/etc/passwd").read_text() + "\n".join(passwd) + "\n",
         "group": Path("/etc/group").read_text() + "\n".join(group) + "\n",

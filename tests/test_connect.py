@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -48,9 +49,12 @@ def engine_processes(lab: HostLab) -> list[tuple[LabHost, int, str]]:
 
 @pytest.fixture(scope="module")
 def connect_specs(kernels_dir: Path, spark_cluster: SparkCluster, lab: HostLab) -> Iterator[Path]:
-    """Connect-mode specs: `connect_user` (standalone, user level), `connect_kernel` (local[1], kernel level).
-    Every engine left at the end is stopped (its supervisor stops its JVM)."""
-    for name, master, level in (("connect_user", spark_cluster.url, "user"), ("connect_kernel", "local[1]", "kernel")):
+    """Connect-mode specs: `connect_user` (standalone, user level), `connect_kernel` (local[1], kernel level),
+    `connect_user_local` (local[1], user level). Every engine left at the end is stopped (its supervisor stops its
+    JVM)."""
+    specs = (("connect_user", spark_cluster.url, "user"), ("connect_kernel", "local[1]", "kernel"),
+             ("connect_user_local", "local[1]", "user"))  # fmt: skip
+    for name, master, level in specs:
         opts, _ = SpecOptions(spark=True, spark_master=master, spark_init_mode="connect", share_level=level,
                               kernel_name=name, spark_home=SPARK_HOME, extra_spark_opts=LIGHT).resolve()  # fmt: skip
         install(opts, kernels_dir / name, replace=True)
@@ -200,6 +204,128 @@ async def test_engine_refuses_clients_without_its_token(lab, managers, connect_s
     await km.shutdown_kernel()
 
 
+def engine_files(host: LabHost, key: str) -> tuple[dict[str, Any], str]:
+    """The engine's engine.json and token on its host (read as root)."""
+    where = f"/tmp/spark_gateway-engines-*-{host.hostname}/{key}"
+    state = json.loads(host.run(["sh", "-c", f"cat {where}/engine.json"]).stdout)
+    return state, host.run(["sh", "-c", f"cat {where}/token"]).stdout.strip()
+
+
+SESSION_PROBE = (
+    "import sys\nfrom pyspark.sql.connect.session import SparkSession\n"
+    "try:\n"
+    "    print('EXISTS', SparkSession.builder.remote(sys.argv[1]).create().catalog.tableExists(sys.argv[2]))\n"
+    "except Exception as exc:\n"
+    "    print('FAILED', exc)\n"
+)
+
+
+async def test_shutdown_releases_the_session_and_ends_a_kernel_level_engine(lab, managers, connect_specs):
+    """A kernel shut down (not restarted) releases its session on the shared engine (its temp view is gone for a
+    client giving its session id) and forgets its id; a kernel-level engine ends with its kernel, not after
+    engine_idle_timeout."""
+    k1, k2 = (managers("connect_user_local", engine_idle_timeout=20.0) for _ in range(2))
+    await k1.start_kernel(env=env(KERNEL_USERNAME="dave"))
+    i1 = await session_info(k1)
+    await k2.start_kernel(env=env(KERNEL_USERNAME="dave"))
+    i2 = await session_info(k2)
+    assert i1["engine"] == i2["engine"] and i1["session_id"] != i2["session_id"]
+    out, reply = await execute(k1, "spark.range(2).createOrReplaceTempView('released'); print('made')")
+    assert reply["status"] == "ok", out
+    host = next(h for h in lab.hosts if h.name == k1.provisioner.host)
+    state, token = engine_files(host, i1["engine"])
+    url = f"sc://localhost:{state['port']}/;token={token};session_id={i1['session_id']};user_id={i1['user_id']}"
+    probe = host.run([sys.executable, "-c", SESSION_PROBE, url, "released"], timeout=120)
+    assert "EXISTS True" in probe.stdout, probe.stdout + probe.stderr  # the probe reaches k1's session
+    sessions = host.run(["sh", "-c", f"ls /tmp/spark_gateway-engines-*-{host.hostname}/sessions/"]).stdout.split()
+    assert k1.kernel_id in sessions
+
+    await k1.shutdown_kernel()
+    probe = host.run([sys.executable, "-c", SESSION_PROBE, url, "released"], timeout=120)
+    assert "EXISTS True" not in probe.stdout and "SESSION_CLOSED" in probe.stdout, probe.stdout + probe.stderr
+    sessions = host.run(["sh", "-c", f"ls /tmp/spark_gateway-engines-*-{host.hostname}/sessions/"]).stdout.split()
+    assert k1.kernel_id not in sessions and k2.kernel_id in sessions
+    out, reply = await execute(k2, "print('still', spark.range(3).count())")  # the neighbour's session goes on
+    assert reply["status"] == "ok" and out.strip().endswith("still 3"), out
+    await k2.shutdown_kernel()
+
+    km = managers("connect_kernel", engine_idle_timeout=600.0)
+    await km.start_kernel(env=env(KERNEL_USERNAME="dave"))
+    info = await session_info(km)
+    host = next(h for h in lab.hosts if h.name == km.provisioner.host)
+    assert [p for p in host.processes() if info["engine"] in p[1]]
+    await km.shutdown_kernel()
+    await until(lambda: not [p for p in host.processes() if info["engine"] in p[1]], timeout=90)
+
+
+async def test_a_kernel_joining_an_engine_as_it_stops_gets_a_working_engine(lab, managers, connect_specs):
+    """The engine's stop decision and a kernel's attachment are taken under one lock: a kernel that joins while its
+    engine stops for idleness (the lock held meanwhile, so both wait on it) either keeps that engine or gets a new
+    one, never a dead port; a kernel that joins an engine already stopping gets a new one."""
+    k1 = managers("connect_user_local", engine_idle_timeout=3.0)
+    await k1.start_kernel(env=env(KERNEL_USERNAME="erin"))
+    i1 = await session_info(k1)
+    host = next(h for h in lab.hosts if h.name == k1.provisioner.host)
+    state, _ = engine_files(host, i1["engine"])
+    lock = next(Path("/tmp").glob(f"spark_gateway-engines-*-{host.hostname}/{i1['engine']}")).parent
+    await k1.shutdown_kernel()
+    with open(lock / f".{i1['engine']}.lock") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # the supervisor cannot decide to stop, the new kernel cannot attach
+        await asyncio.sleep(5)  # idle for longer than its timeout: the supervisor waits for the lock
+        k2 = managers("connect_user_local", engine_idle_timeout=3.0)
+        await k2.start_kernel(env=env(KERNEL_USERNAME="erin"))
+        assert k2.provisioner.host == host.name
+        await asyncio.sleep(3)  # its launcher waits for the lock too
+    out, reply = await execute(k2, "print('joined', spark.range(5).count())", timeout=300)
+    assert reply["status"] == "ok" and out.strip().endswith("joined 5"), out
+    i2 = await session_info(k2)
+    print("kernel joining at the stop decision:", "kept the engine" if i2["app_id"] == i1["app_id"] else "new engine")
+
+    # An engine already stopping (its supervisor told to stop): a kernel joining it gets a new one.
+    host.run(["kill", "-TERM", str(int(i2["engine_pid"]))])  # a pid of the host's namespace
+    k3 = managers("connect_user_local", engine_idle_timeout=3.0)
+    await k3.start_kernel(env=env(KERNEL_USERNAME="erin"))
+    out, reply = await execute(k3, "print('new', spark.range(6).count())", timeout=300)
+    assert reply["status"] == "ok" and out.strip().endswith("new 6"), out
+    i3 = await session_info(k3)
+    assert i3["app_id"] != i2["app_id"] and i3["engine_pid"] != i2["engine_pid"]
+    await asyncio.gather(k2.shutdown_kernel(), k3.shutdown_kernel())
+
+
+async def test_a_query_fails_promptly_with_the_reason_when_its_engine_dies(lab, managers, connect_specs):
+    """The engine's JVM is killed while a cell's query runs: the cell fails within seconds (pyspark's retries are
+    bounded, not its ~10 minutes of backoff) and says the engine went away, and why."""
+    km = managers("connect_kernel", engine_idle_timeout=600.0)
+    await km.start_kernel(env=env(KERNEL_USERNAME="alice"))
+    info = await session_info(km)
+    host = next(h for h in lab.hosts if h.name == km.provisioner.host)
+    state, _ = engine_files(host, info["engine"])
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=60)
+        msg_id = kc.execute(SLEEP_UDF.format(seconds=120))
+        await asyncio.sleep(8)  # the query runs on the engine
+        host.run(["kill", "-9", str(state["jvm_pid"])])
+        reply = await kc.get_shell_msg(timeout=150)  # well below pyspark's default backoff (~10 minutes)
+        assert reply["parent_header"]["msg_id"] == msg_id and reply["content"]["status"] == "error"
+        said = []
+        while True:
+            msg = await kc.get_iopub_msg(timeout=30)
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            if msg["msg_type"] == "stream":
+                said.append(msg["content"]["text"])
+            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                break
+        text = "".join(said)
+        assert f"The Spark Connect engine {info['engine']} went away while the cell ran" in text, text
+        assert f"its JVM (pid {state['jvm_pid']})" in text, text
+    finally:
+        kc.stop_channels()
+    await km.shutdown_kernel()
+
+
 async def test_share_keys_follow_the_level_and_the_options() -> None:
     argv = ["run.sh", engines.SHARE_FLAG, "user"]
     env = {"SPARK_OPTS": "--master local[1]"}
@@ -210,8 +336,19 @@ async def test_share_keys_follow_the_level_and_the_options() -> None:
     assert engines.plan("k1", "alice", "spec", ["run.sh", engines.SHARE_FLAG, "kernel"], env, "").key == "kernel-k1"
     server = ["run.sh", engines.SHARE_FLAG, "server"]
     assert engines.plan("k1", "alice", "s", server, env, "") == engines.plan("k2", "bob", "s", server, env, "")
-    with pytest.raises(engines.EngineRefused, match="impersonation"):
+    with pytest.raises(engines.EngineRefused, match="needs an engine account: set c.DistributedProvisioner.engine_acc"):
         engines.plan("k1", "alice", "s", server, env, "", impersonating=True)
+    with pytest.raises(engines.EngineRefused, match="must not be root"):
+        engines.plan("k1", "alice", "s", server, env, "", impersonating=True, engine_account="root")
+    with pytest.raises(engines.EngineRefused, match="engine_account 'Bad Name' is not"):
+        engines.plan("k1", "alice", "s", server, env, "", impersonating=True, engine_account="Bad Name")
+    shared = engines.plan("k1", "alice", "s", server, env, "", impersonating=True, engine_account="sgengine")
+    assert shared.account == "sgengine" and shared.exports(5)["GP_ENGINE_ACCOUNT"] == "sgengine"
+    assert engines.plan("k1", "alice", "s", argv, env, "", impersonating=True, engine_account="sgengine").account == ""
+    group = ["run.sh", engines.SHARE_FLAG, "group"]
+    assert engines.plan("k1", "alice", "s", group, env, "", True, "sgengine", group="team").key.startswith(
+        "group-team-"
+    )
     assert engines.primary_group("root") == "root"
     assert engines.plan("k1", "root", "s", ["run.sh", engines.SHARE_FLAG, "group"], env, "").key.startswith(
         "group-root-"

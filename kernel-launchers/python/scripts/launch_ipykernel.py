@@ -41,6 +41,7 @@ import sg_callback  # noqa: E402
 import sg_control  # noqa: E402
 import sg_ports  # noqa: E402
 import sg_protocol  # noqa: E402
+import sg_starter  # noqa: E402
 from sg_log import configure_logging  # noqa: E402
 
 log = logging.getLogger("launch_ipykernel")
@@ -201,7 +202,7 @@ class _SparkName:
         return dir(self._starter.objects()[self._name] if ready is not None else self._starter.real_class(self._name))
 
 
-class SparkSessionStarter:
+class SparkSessionStarter(sg_starter.StartState):
     """Creates the kernel's SparkSession (now or in a background thread) and tells the notebook and gateway about it.
 
     ``state``: ``starting`` -> ``ready`` or ``failed``. The gateway reads ``info()`` through the control listener;
@@ -209,12 +210,9 @@ class SparkSessionStarter:
     """
 
     def __init__(self, log_fd: int) -> None:
-        self.state, self.error = "starting", ""
-        self.session: Any = None
-        self.details: dict[str, Any] = {}
+        super().__init__()
         self.started = 0.0
         self._jvm = _JvmOutput(log_fd)
-        self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
         self._shown = False
         self._user_ns: dict[str, Any] | None = None
@@ -291,19 +289,6 @@ class SparkSessionStarter:
             proc.kill()
             proc.wait(10)
 
-    def _finish(self, state: str, **fields: Any) -> None:
-        with self._changed:
-            for name, value in fields.items():
-                setattr(self, name, value)
-            self.state = state
-            self._changed.notify_all()
-
-    def wait(self) -> None:
-        """Block until the session is ready or failed (interruptible)."""
-        with self._changed:
-            while self.state == "starting":
-                self._changed.wait(0.5)
-
     def stop(self) -> None:
         """Stop the session (ends the application on the cluster), within STOP_TIMEOUT."""
         if self.session is not None:
@@ -313,14 +298,6 @@ class SparkSessionStarter:
             stopper.start()
             stopper.join(STOP_TIMEOUT)
             log.info("SparkSession stopped in %.2f s", time.monotonic() - began)
-
-    # -- gateway side
-    def info(self, wait: float = 0.0) -> dict[str, Any]:
-        """What the control listener's `info` op returns; waits up to `wait` s while the session is starting."""
-        with self._changed:
-            if self.state == "starting" and wait > 0:
-                self._changed.wait(min(float(wait), sg_protocol.INFO_MAX_WAIT))
-            return {"spark": {"state": self.state, "error": self.error or None, **self.details}}
 
     # -- notebook side
     def objects(self) -> dict[str, Any]:
