@@ -167,6 +167,19 @@ async def test_server_level_engine_is_shared_by_users_of_different_groups(accoun
     mine = Path(f"/tmp/spark_gateway-engines-{accounts.uids['alice']}-{accounts.host.hostname}/sessions")
     assert (mine / a.kernel_id).read_text().strip() == ia["session_id"]
     assert mine.stat().st_uid == accounts.uids["alice"] and mine.stat().st_mode & 0o077 == 0
+
+    # The engine's JVM dies: its kernels cannot start an engine of sgengine themselves, so its supervisor starts a
+    # new JVM, and each kernel's next cell says why and runs on it.
+    jvm = ia["jvm_pid"]
+    os.kill(next(pid for pid, cmd in engines_on(accounts) if "SparkConnectServer" in cmd and ia["engine"] in cmd),
+            signal.SIGKILL)  # fmt: skip
+    out, reply = await execute(c, "print('counted', spark.range(5).count())", timeout=300)
+    assert reply["status"] == "ok" and "counted 5" in out, out
+    assert f"The Spark Connect engine {ia['engine']} is gone (its JVM (pid {jvm}) killed by signal 9" in out, out
+    out, reply = await execute(a, "print('app', spark.conf.get('spark.app.id'))", timeout=300)
+    assert reply["status"] == "ok" and "is gone" in out and f"app {ia['app_id']}" not in out, out
+    state = json.loads((engine_dir(accounts, ia["engine"]) / "engine.json").read_text())
+    assert state["pid"] == ia["engine_pid"] and state["jvm_pid"] != jvm and state["state"] == "ready", state
     for km in (a, c):
         await km.shutdown_kernel()
 

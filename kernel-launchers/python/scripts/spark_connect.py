@@ -58,6 +58,7 @@ SERVER_CLASS = "org.apache.spark.sql.connect.service.SparkConnectServer"
 KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,160}\Z")
 KERNEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 POLL = 1.0  # seconds between the supervisor's looks at its kernels and its JVM
+MAX_REVIVALS = 3  # new JVMs an engine-account engine starts after its ready JVM died
 STOP_GRACE = 20.0  # seconds the JVM gets to stop its SparkContext before SIGKILL
 PENDING = 180.0  # seconds an expected kernel (ensure --expect) keeps its engine up before it attaches
 RELEASE_TIMEOUT = 10.0  # seconds a shutting-down kernel gives ReleaseSession
@@ -297,6 +298,7 @@ class Supervisor:
         self.lines: list[str] = []
         self.stopping = False
         self.stop_now = False  # the kernel of a kernel-level engine shut down
+        self.revivals = 0  # new JVMs after the ready one died (engine-account engines: see `revive`)
         self.token = ""
         self.guard = threading.Lock()  # attachments vs. the stop decision (with key_lock for `ensure`)
         self.server: socket.socket | None = None
@@ -446,7 +448,7 @@ class Supervisor:
         assert self.jvm is not None
         idle_since = time.monotonic()
         while not self.stopping:
-            if (status := self.jvm.poll()) is not None:
+            if (status := self.jvm.poll()) is not None and not self.revive(status):
                 return self.failed(status)
             if self.state["state"] == "starting" and accepts(self.state["port"]):
                 self.save(state="ready", ready=time.time())
@@ -465,14 +467,38 @@ class Supervisor:
         self.stop()
         return 0
 
+    def why_ended(self, status: int) -> str:
+        """Why the JVM exited on its own: its status and its last error lines."""
+        marks = ("ERROR", "Exception", "error", "Killed", "signal")
+        errors = [line for line in self.lines if any(m in line for m in marks)][-8:] or self.lines[-5:]
+        how = f"killed by signal {-status}" if status < 0 else f"exited with status {status}"
+        return f"its JVM (pid {self.state.get('jvm_pid')}) {how}" + "".join(f"\n  {line}" for line in errors)
+
+    def revive(self, status: int) -> bool:
+        """An engine-account engine's kernels cannot start a new engine themselves (only the gateway may `sudo -u`
+        its account): when its JVM dies after it was ready, the supervisor starts a new one (at most
+        MAX_REVIVALS times), and each kernel re-creates its session on it at its next cell, told why."""
+        if not os.environ.get("GP_ENGINE_ACCOUNT") or self.state["state"] != "ready" or self.revivals >= MAX_REVIVALS:
+            return False
+        reason = self.why_ended(status)
+        self.revivals += 1
+        log.error("engine %s: %s; starting a new JVM (%d of at most %d)", self.key, reason, self.revivals,
+                  MAX_REVIVALS)  # fmt: skip
+        with self.guard:
+            self.lines = []
+            self.save(state="starting", last_failure=reason, app_id=None, ui_url=None)
+            try:
+                self.start_jvm()
+            except (EngineError, OSError) as exc:
+                self.save(state="failed", error=f"{reason}; a new JVM could not start: {exc}")
+                return False
+        return True
+
     def failed(self, status: int) -> int:
         """The JVM exited on its own: say why in engine.json (with its last lines) for the kernels, and end."""
         if self.server is not None:
             self.server.close()
-        marks = ("ERROR", "Exception", "error", "Killed", "signal")
-        errors = [line for line in self.lines if any(m in line for m in marks)][-8:] or self.lines[-5:]
-        how = f"killed by signal {-status}" if status < 0 else f"exited with status {status}"
-        reason = f"its JVM (pid {self.state.get('jvm_pid')}) {how}" + "".join(f"\n  {line}" for line in errors)
+        reason = self.why_ended(status)
         self.save(state="failed", error=reason)
         log.error("engine %s: %s", self.key, reason)
         return 1
@@ -588,6 +614,7 @@ class ConnectStarter(StartState):
                 "ui_url": read_state(self.directory).get("ui_url"),
                 "spark_version": session.version,
                 "engine_pid": engine.get("pid"),
+                "jvm_pid": engine.get("jvm_pid"),
                 "seconds": round(time.monotonic() - began, 3),
             }
         except BaseException as exc:  # noqa: BLE001 (reported, never raised)
@@ -653,6 +680,8 @@ class ConnectStarter(StartState):
             return state.get("error") or "it failed"
         if not supervisor_alive(state, self.key) or state.get("pid") != self.details.get("engine_pid"):
             return f"its supervisor (pid {self.details.get('engine_pid')}) is no longer running"
+        if state.get("jvm_pid") != self.details.get("jvm_pid"):  # its supervisor started a new JVM (`revive`)
+            return state.get("last_failure") or f"its JVM (pid {self.details.get('jvm_pid')}) was replaced"
         if not jvm_alive(state):
             return f"its JVM (pid {state.get('jvm_pid')}) is no longer running"
         return None
@@ -693,16 +722,30 @@ class ConnectStarter(StartState):
     def _check_engine(self, info: Any = None) -> None:
         if (reason := self.engine_gone()) is None:
             return
-        if not self.own_engine():
-            print(f"The Spark Connect engine {self.key} (run as {self.account}) is gone ({reason}); restart the "
-                  "kernel: the gateway then starts a new one.", file=sys.stderr)  # fmt: skip
-            return
+        if not self.own_engine():  # only its supervisor can give it a new JVM (`Supervisor.revive`)
+            state = self._revival()
+            if not state or state.get("jvm_pid") == self.details.get("jvm_pid"):
+                print(f"The Spark Connect engine {self.key} (run as {self.account}) is gone ({reason}); restart the "
+                      "kernel: the gateway then starts a new one.", file=sys.stderr)  # fmt: skip
+                return
+            reason = state.get("last_failure") or reason
         log.warning("engine %s is gone (%s); starting a new one", self.key, reason)
         print(f"The Spark Connect engine {self.key} is gone ({reason}); a new one is starting for `spark`.",
               file=sys.stderr)  # fmt: skip
         if self._user_ns is not None:
             self._user_ns.update({name: self.proxy(self, name) for name in self.names})
         self.start()
+
+    def _revival(self) -> dict[str, Any]:
+        """The engine's state once its supervisor has seen its JVM end (within a few POLLs) and started another;
+        {} when the engine is failed or gone for good."""
+        deadline = time.monotonic() + 3 * POLL
+        while True:
+            state = read_state(self.directory) if self.directory is not None else {}
+            alive = supervisor_alive(state, self.key) and state.get("state") in ("starting", "ready")
+            if not alive or state.get("jvm_pid") != self.details.get("jvm_pid") or time.monotonic() > deadline:
+                return state if alive else {}
+            time.sleep(0.2)
 
     def _explain_failure(self, result: Any) -> None:
         """A cell that failed because the engine went away: say so, with the engine's reason and last lines."""
