@@ -370,3 +370,23 @@ async def test_convert_keeps_the_connect_mode_and_share_level(tmp_path: Path) ->
     assert argv[argv.index("--spark-context-initialization-mode") + 1] == "connect"
     assert argv[argv.index(engines.SHARE_FLAG) + 1] == "server"
     assert "--master yarn" in spec["env"]["SPARK_OPTS"] and (dest / "scripts" / "spark_connect.py").is_file()
+
+
+async def test_gp_engine_dir_holds_a_private_engine_directory_per_account(tmp_path: Path, monkeypatch) -> None:
+    """GP_ENGINE_DIR is shared like /tmp: each account's engines live in a directory of its own below it, and a
+    directory there that another account could write (or that is not its own) is refused."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "kernel-launchers" / "python" / "scripts"))
+    import spark_connect
+
+    shared = tmp_path / "engines"
+    shared.mkdir(mode=0o1777)
+    monkeypatch.setenv("GP_ENGINE_DIR", str(shared))
+    root = spark_connect.state_root()
+    assert root.parent == shared and root.name.startswith(f"spark_gateway-engines-{os.geteuid()}-")
+    assert root.stat().st_mode & 0o777 == 0o711
+    assert spark_connect.engine_dir("user-alice-0123456789ab") == root / "user-alice-0123456789ab"
+    root.chmod(0o777)  # writable by others: never used
+    with pytest.raises(spark_connect.EngineError, match="only it may write"):
+        spark_connect.state_root()
+    with pytest.raises(spark_connect.EngineError, match="does not exist"):
+        spark_connect.state_root(uid=os.geteuid() + 4242)  # another account's, not made by us

@@ -6,7 +6,7 @@ random token in the server's environment (``SPARK_CONNECT_AUTHENTICATE_TOKEN``, 
 kernel's user (kernel and user levels: the kernel starts it) or as the gateway's engine account (group and server
 levels under impersonation: the gateway starts it with ``sudo -u ACCOUNT spark_connect.py ensure``).
 
-Its state lives in ``$GP_ENGINE_DIR`` (default ``/tmp/spark_gateway-engines-<uid>-<hostname>``, the account's own,
+Its state lives in ``$GP_ENGINE_DIR/spark_gateway-engines-<uid>-<hostname>`` (default under /tmp; the account's own,
 0711: others may enter, never list), one 0711 directory per key: ``engine.json`` (0644, no secret: state, port,
 pids, application, UI, the reason it failed), ``token`` (0600), ``engine.log`` (0600), ``kernels/`` and ``grants/``
 (0700) and ``engine.sock``, the engine's Unix socket. Kernels attach through that socket: the supervisor reads the
@@ -75,7 +75,8 @@ def state_root(uid: int | None = None) -> Path:
     nobody else may write it."""
     own = uid is None or uid == os.geteuid()
     uid = os.geteuid() if uid is None else uid
-    root = Path(os.environ.get("GP_ENGINE_DIR") or f"/tmp/spark_gateway-engines-{uid}-{socket.gethostname()}")
+    parent = os.environ.get("GP_ENGINE_DIR") or "/tmp"  # shared by every account, like /tmp: each has its own below
+    root = Path(parent, f"spark_gateway-engines-{uid}-{socket.gethostname()}")
     if own:
         with contextlib.suppress(FileExistsError):
             root.mkdir(mode=0o711, parents=True)
@@ -84,8 +85,8 @@ def state_root(uid: int | None = None) -> Path:
     except FileNotFoundError:
         raise EngineError(f"{root} does not exist: no engine of uid {uid} runs on {socket.gethostname()}") from None
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o022:
-        raise EngineError(f"{root} is not a directory of uid {uid} that only it may write: remove it or set "
-                          "GP_ENGINE_DIR")  # fmt: skip
+        raise EngineError(f"{root} is not a directory of uid {uid} that only it may write: remove it, or set "
+                          "GP_ENGINE_DIR to another directory under which each account gets its own")  # fmt: skip
     return root
 
 
