@@ -21,13 +21,12 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from jupyter_client import AsyncKernelManager
-from jupyter_client.kernelspec import KernelSpecManager
 
 from spark_gateway.specs import SpecOptions, install
 from testlab.hostlab import HostLab
 from testlab.lab_accounts import Accounts, lab_accounts
 from testlab.spark_cluster import SPARK_HOME
-from tests.conftest import env, execute, gateway_config
+from tests.conftest import env, execute, kernel_managers
 from tests.test_connect import LIGHT, session_info, with_suppressed_kill
 
 pytestmark = pytest.mark.asyncio
@@ -81,23 +80,10 @@ def accounts(lab: HostLab) -> Iterator[Accounts]:
 @pytest_asyncio.fixture
 async def as_gateway(lab: HostLab, accounts: Accounts) -> Any:
     """Kernel managers of a gateway that logs in as sggw, impersonates, and runs shared engines as sgengine."""
-    made: list[AsyncKernelManager] = []
-
-    def make(kernel_name: str, **config: Any) -> AsyncKernelManager:
-        options = {"remote_user": GATEWAY, "impersonation_enabled": True, "remote_hosts": [accounts.host.name],
-                   "engine_account": ENGINE, "engine_idle_timeout": 20.0}  # fmt: skip
-        km = AsyncKernelManager(
-            kernel_name=kernel_name,
-            kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(accounts.base / "kernels")]),
-            config=gateway_config(lab, **(options | config)),
-        )
-        made.append(km)
-        return km
-
-    yield make
-    for km in made:
-        if km.has_kernel:
-            await km.shutdown_kernel(now=True)
+    options = {"remote_user": GATEWAY, "impersonation_enabled": True, "remote_hosts": [accounts.host.name],
+               "engine_account": ENGINE, "engine_idle_timeout": 20.0}  # fmt: skip
+    async with kernel_managers(lab, accounts.base / "kernels", **options) as make:
+        yield make
 
 
 async def start(km: AsyncKernelManager, accounts: Accounts, user: str) -> None:

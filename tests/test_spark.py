@@ -254,8 +254,12 @@ async def test_interrupt_cancels_the_running_job_and_the_kernel_stays_usable(lab
     api = f"http://{host.address}:{ui.rsplit(':', 1)[1]}/api/v1/applications/{km.provisioner.spark['app_id']}/jobs"
 
     def jobs(status: str) -> list[int]:
-        with urllib.request.urlopen(f"{api}?status={status}", timeout=5) as reply:
-            return [job["jobId"] for job in json.loads(reply.read())]
+        # The UI's first REST call initialises its REST layer (Jersey): seconds on a loaded machine
+        try:
+            with urllib.request.urlopen(f"{api}?status={status}", timeout=30) as reply:
+                return [job["jobId"] for job in json.loads(reply.read())]
+        except TimeoutError:
+            return []  # no answer yet: `until` asks again within its own bound
 
     kc = km.client()
     kc.start_channels()
