@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from .ssh import split_host_port
 
 ALGORITHMS = ("round-robin", "least-connection", "least-load")
+LOAD_TIE = 0.05  # least-load: headrooms closer than this (5% of a host's CPU or memory) count as equal
 # What `KERNEL_INVENTORY` prints on a host: the ids of the kernels running there, then its load figures.
 KERNEL_INVENTORY = (
     "ps -ww -eo args= | grep -o -e '--kernel-id [A-Za-z0-9._-]*' | sort -u; "
@@ -124,9 +125,14 @@ class HostSelector:
         return random.choice([h for h, c in counts.items() if c == low])
 
     def least_load(self, reports: dict[str, HostReport]) -> str:
-        """Most headroom (free CPU share + free memory share), counting launches in flight as load."""
-        extra = {h: len(self.recent(h, r) - r.kernel_ids) for h, r in reports.items()}
-        return max(reports, key=lambda h: (reports[h].headroom(extra[h]), random.random()))
+        """Most headroom (free CPU share + free memory share), counting launches in flight as load. Hosts within
+        LOAD_TIE of the best are equally good (idle kernels add no load, and memory figures jitter): among them the
+        fewest kernels wins, then chance."""
+        recent = {h: self.recent(h, r) for h, r in reports.items()}
+        room = {h: r.headroom(len(recent[h] - r.kernel_ids)) for h, r in reports.items()}
+        best = max(room.values())
+        near = [h for h in reports if room[h] >= best - LOAD_TIE]
+        return min(near, key=lambda h: (len(reports[h].kernel_ids | recent[h]), random.random()))
 
     def launching(self, host: str, kernel_id: str) -> None:
         with self._lock:

@@ -79,6 +79,15 @@ def test_least_load_prefers_headroom_and_counts_launches_in_flight():
     assert sel.least_load(reports) == "small"
 
 
+def test_least_load_counts_kernels_when_headrooms_are_nearly_equal():
+    """Idle kernels add no load and memory figures jitter: near-equal hosts are split by kernel count."""
+    sel = HostSelector()
+    reports = {"a": report({"k1", "k2"}, free=0.51), "b": report({"k3"}, free=0.50), "busy": report(set(), load=4.0)}
+    assert sel.least_load(reports) == "b"  # a's 0.01 more free memory is noise; b runs fewer kernels
+    reports["a"] = report({"k1", "k2"}, free=0.70)
+    assert sel.least_load(reports) == "a"  # a real difference in headroom still wins
+
+
 def test_quarantine_doubles_and_expires():
     health = Health(ceiling=0.15)
     assert health.failed("h", "refused", 0.05) == pytest.approx(0.05)
