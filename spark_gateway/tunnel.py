@@ -23,7 +23,7 @@ from .ssh import send_eof
 # at most this many callbacks are spliced at once per SSH connection (four times as many connections to a kernel's
 # forwarded ports, which only local users reach); more are closed.
 MAX_SPLICES = 32
-CONNECT_FAILED = 2  # SSH_OPEN_CONNECT_FAILED: nothing listens at the forwarded port on the host
+PROHIBITED, CONNECT_FAILED = 1, 2  # SSH_OPEN_ADMINISTRATIVELY_PROHIBITED; SSH_OPEN_CONNECT_FAILED (nothing listens)
 
 log = logging.getLogger(__name__)
 
@@ -150,12 +150,24 @@ class Tunnels:
             except (paramiko.SSHException, EOFError, OSError) as exc:
                 self._slots.release()
                 conn.close()
-                if getattr(exc, "code", None) != CONNECT_FAILED and remote_port not in self._warned:
-                    self._warned.add(remote_port)  # e.g. forwarding prohibited by the host's sshd: said once
-                    log.warning("cannot forward to port %d of the host: %s (sshd_config: AllowTcpForwarding)",
-                                remote_port, exc)  # fmt: skip
+                self._refused(remote_port, exc)
                 continue
             splice(conn, channel, self._slots.release)
+
+    def _refused(self, remote_port: int, exc: Exception) -> None:
+        """Say once per port why a forward failed, unless its kernel has simply ended. paramiko hands a refusal's
+        reason to whichever thread asks first, so concurrent failed opens (every tunnel of a kernel that just
+        ended) leave the others a bare "Unable to open channel.": those are not worth a warning either."""
+        code = getattr(exc, "code", None)
+        if (
+            code == CONNECT_FAILED
+            or (code is None and str(exc) == "Unable to open channel.")
+            or remote_port in self._warned
+        ):
+            return
+        self._warned.add(remote_port)
+        hint = " (the host's sshd forbids it: sshd_config AllowTcpForwarding)" if code == PROHIBITED else ""
+        log.warning("cannot forward to port %d of the host: %s%s", remote_port, exc, hint)
 
     def close(self) -> None:
         for server in self._listeners:

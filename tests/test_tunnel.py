@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -73,10 +74,15 @@ async def test_tunneled_kernel_works_through_ssh_alone(walled_host, managers, ca
     # a forward whose port nothing listens at (its kernel ended) is refused without an ERROR line per attempt
     forwards = tunnel.Tunnels(km.provisioner._tunnels.transport)  # noqa: SLF001
     port = forwards.forward(1)
+
+    def refused() -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            return conn.recv(1)  # b"": closed once the host refused
+
     with caplog.at_level(logging.DEBUG):
-        for _ in range(3):  # as ZMQ clients keep reconnecting
-            with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
-                assert conn.recv(1) == b""  # closed once the host refused
+        assert [refused() for _ in range(3)] == [b""] * 3  # as ZMQ clients keep reconnecting
+        with ThreadPoolExecutor(8) as pool:  # at once, as every tunnel of a kernel that just ended
+            assert list(pool.map(lambda _: refused(), range(8))) == [b""] * 8
     forwards.close()
     said = [r.getMessage() for r in caplog.records if r.name.startswith(("paramiko", "spark_gateway"))]
     assert not [m for m in said if "open FAILED" in m or "cannot forward" in m], said
@@ -100,3 +106,21 @@ async def test_tunneled_kernel_is_reattached_by_a_new_gateway(walled_host, manag
     result = json.loads(out.decode().strip().splitlines()[-1])
     assert result == {"alive": True, "interrupted": "KeyboardInterrupt", "alive_after": False}
     assert wait_for(lambda: not kernel_processes(walled_host, km.kernel_id), 1.0)
+
+
+def test_a_refused_forward_is_explained_once_and_only_when_it_is_not_a_kernel_that_ended(caplog):
+    """Pure logic of `Tunnels._refused`: what an operator reads when a forward fails."""
+    import paramiko
+
+    forwards = tunnel.Tunnels.__new__(tunnel.Tunnels)
+    forwards._warned = set()  # noqa: SLF001
+    with caplog.at_level(logging.WARNING, logger="spark_gateway.tunnel"):
+        forwards._refused(7, paramiko.ChannelException(tunnel.CONNECT_FAILED, "Connect failed"))  # noqa: SLF001
+        forwards._refused(7, paramiko.SSHException("Unable to open channel."))  # noqa: SLF001
+        assert not caplog.records
+        for _ in range(2):
+            forwards._refused(8, paramiko.ChannelException(tunnel.PROHIBITED, "Administratively prohibited"))  # noqa: SLF001
+        forwards._refused(9, paramiko.ChannelException(4, "Resource shortage"))  # noqa: SLF001
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and "port 8" in said[0] and "AllowTcpForwarding" in said[0]
+    assert "port 9" in said[1] and "Resource shortage" in said[1] and "AllowTcpForwarding" not in said[1]
