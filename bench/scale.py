@@ -42,10 +42,17 @@ def gateway_resources() -> dict[str, int]:
     return {"fds": len(os.listdir("/proc/self/fd")), "threads": threading.active_count(), "ssh_channels": channels}
 
 
-async def burst(kms: list[AsyncKernelManager], env: dict[str, str]) -> tuple[float, list]:
-    started = time.perf_counter()
+def machine_cpu() -> float:
+    """Seconds of CPU the whole machine has spent busy (every process, every lab host: they share the kernel)."""
+    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # less idle and iowait
+
+
+async def burst(kms: list[AsyncKernelManager], env: dict[str, str]) -> tuple[float, list, float]:
+    """Wall seconds until every kernel answered, each outcome, and the machine's CPU ms per kernel meanwhile."""
+    started, cpu = time.perf_counter(), machine_cpu()
     outcomes = await asyncio.gather(*(until_ready(km, env) for km in kms), return_exceptions=True)
-    return time.perf_counter() - started, outcomes
+    return time.perf_counter() - started, outcomes, (machine_cpu() - cpu) * 1000 / len(kms)
 
 
 async def idle_cpu(kms: list[AsyncKernelManager], seconds: float, interval: float = POLL_INTERVAL) -> float:
@@ -113,13 +120,13 @@ async def main(count: int, idle_seconds: float, rounds: int) -> None:
         ratios, remote_kms = [], []
         for turn in range(rounds):  # interleaved, so that a change in the machine's load hits both sides alike
             local_kms = [manager("local_python") for _ in range(count)]
-            local, local_out = await phase("local burst", burst(local_kms, {}))
+            local, local_out, local_cpu = await phase("local burst", burst(local_kms, {}))
             await asyncio.gather(*(km.shutdown_kernel(now=True) for km in local_kms if km.has_kernel))
             local_failed = [o for o in local_out if isinstance(o, BaseException)]
             if remote_kms:  # the previous round's: only the last round's stay up for the idle phases
                 await asyncio.gather(*(km.shutdown_kernel(now=True) for km in remote_kms if km.has_kernel))
             remote_kms = [manager("ssh_python") for _ in range(count)]
-            remote, remote_out = await phase("remote burst", burst(remote_kms, USER))
+            remote, remote_out, remote_cpu = await phase("remote burst", burst(remote_kms, USER))
             failed = [o for o in remote_out if isinstance(o, BaseException)]
             spread = Counter(km.provisioner.host for km in remote_kms if km.has_kernel)
             if not local_failed:  # a reference kernel that failed (jupyter_client's port race) voids the round
@@ -127,7 +134,8 @@ async def main(count: int, idle_seconds: float, rounds: int) -> None:
             print(
                 f"  burst {turn + 1}/{rounds}: remote {remote:6.2f} s  LocalProvisioner {local:6.2f} s  "
                 f"ratio {remote / local:.2f}  failed {len(failed)} (local {len(local_failed)})  "
-                f"spread {dict(sorted(spread.items()))}  load {os.getloadavg()[0]:.1f}",
+                f"spread {dict(sorted(spread.items()))}  load {os.getloadavg()[0]:.1f}  "
+                f"machine CPU per kernel {remote_cpu:.0f} ms (local {local_cpu:.0f} ms)",
                 flush=True,
             )
             for label, errors in (("remote", failed), ("local", local_failed)):
@@ -150,7 +158,7 @@ async def main(count: int, idle_seconds: float, rounds: int) -> None:
         print(f"  mass shutdown, every process gone: {gone:.2f} s (target <= 5)", flush=True)
 
         tunnel_kms = [manager("ssh_python_tunnel") for _ in range(count)]
-        tunnel_wall, tunnel_out = await phase("tunnelled burst", burst(tunnel_kms, USER))
+        tunnel_wall, tunnel_out, _ = await phase("tunnelled burst", burst(tunnel_kms, USER))
         tunnel_failed = [o for o in tunnel_out if isinstance(o, BaseException)]
         if tunnel_failed:
             print(f"    tunnelled: first failure: {tunnel_failed[0]}", file=sys.stderr)

@@ -55,6 +55,7 @@ SHARED = [("shared/scripts/server_listener.py", "scripts"), ("shared/scripts/sg_
 LAUNCHERS: dict[str, list[tuple[str, str]]] = {
     "python": [
         ("python/scripts/launch_ipykernel.py", "scripts"),
+        ("python/scripts/sg_ipykernel.py", "scripts"),
         ("python/scripts/spark_notebook.py", "scripts"),
         ("python/scripts/spark_connect.py", "scripts"),
         *SHARED,

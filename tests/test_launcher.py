@@ -41,7 +41,8 @@ class Launcher:
         self.scripts.mkdir()
         for module in (SHARED / "server_listener.py", *SHARED.glob("sg_*.py")):
             shutil.copy(module, self.scripts)
-        shutil.copy(ROOT / "kernel-launchers" / "python" / "scripts" / "launch_ipykernel.py", self.scripts)
+        for launcher in ("launch_ipykernel.py", "sg_ipykernel.py"):
+            shutil.copy(ROOT / "kernel-launchers" / "python" / "scripts" / launcher, self.scripts)
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def start(self, kernel_id: str, *extra: str, token: str | None = None) -> subprocess.Popen[bytes]:

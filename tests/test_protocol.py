@@ -204,6 +204,32 @@ def test_decrypt_with_other_key_fails(private_key: Any) -> None:
     assert decrypt_payload(other.private_key, data)[0] == "k1"
 
 
+@pytest.mark.parametrize("bits", [2048, 3072])
+def test_the_launcher_s_own_rsa_oaep_is_what_pycryptodome_decrypts(bits: int) -> None:
+    """sg_callback wraps the AES key without importing pycryptodome's RSA: the gateway's standard decrypt must open
+    it, for any key size and every random seed; what is not an RSA key, or too long a message, is refused."""
+    from Crypto.Cipher import PKCS1_OAEP
+    from Crypto.Hash import SHA256
+    from Crypto.PublicKey import ECC, RSA
+
+    key = RSA.generate(bits)
+    spki = key.publickey().export_key(format="DER")
+    assert sg_callback.rsa_public_numbers(spki) == (key.n, key.e)
+    unwrap = PKCS1_OAEP.new(key, hashAlgo=SHA256)
+    for message in (secrets.token_bytes(32) for _ in range(20)):
+        wrapped = sg_callback.oaep_encrypt(spki, message)
+        assert len(wrapped) == bits // 8 and unwrap.decrypt(wrapped) == message
+    assert sg_callback.oaep_encrypt(spki, b"k") != sg_callback.oaep_encrypt(spki, b"k")  # a fresh seed each time
+    longest = bits // 8 - 66
+    assert unwrap.decrypt(sg_callback.oaep_encrypt(spki, bytes(longest))) == bytes(longest)
+    with pytest.raises(ValueError, match="too long"):
+        sg_callback.oaep_encrypt(spki, bytes(longest + 1))
+    with pytest.raises(ValueError, match="not an RSA key"):
+        sg_callback.oaep_encrypt(ECC.generate(curve="P-256").public_key().export_key(format="DER"), b"k")
+    with pytest.raises(ValueError, match="DER"):
+        sg_callback.oaep_encrypt(spki[:100], b"k")
+
+
 def test_sender_reports_refusal() -> None:
     srv = ResponseServer(generate_key_pair())
     with pytest.raises(sg_callback.CallbackError, match="refused"):

@@ -44,6 +44,7 @@ PYTHON_FILES = {
     "kernel.json",
     "logo-64x64.png",
     "scripts/launch_ipykernel.py",
+    "scripts/sg_ipykernel.py",
     "scripts/spark_notebook.py",
     "scripts/spark_connect.py",
     *LISTENER_FILES,
@@ -117,6 +118,7 @@ def test_install_writes_the_seed_layout_with_an_absolute_interpreter(tmp_path: P
     assert files(spec_dir) == PYTHON_FILES
     for rel, src in (
         ("launch_ipykernel.py", "python"),
+        ("sg_ipykernel.py", "python"),
         ("spark_notebook.py", "python"),
         ("server_listener.py", "shared"),
     ):
