@@ -226,8 +226,9 @@ def test_the_launcher_s_own_rsa_oaep_is_what_pycryptodome_decrypts(bits: int) ->
         sg_callback.oaep_encrypt(spki, bytes(longest + 1))
     with pytest.raises(ValueError, match="not an RSA key"):
         sg_callback.oaep_encrypt(ECC.generate(curve="P-256").public_key().export_key(format="DER"), b"k")
-    with pytest.raises(ValueError, match="DER"):
-        sg_callback.oaep_encrypt(spki[:100], b"k")
+    for truncated in (spki[:100], spki[:1], b""):
+        with pytest.raises(ValueError, match="DER"):
+            sg_callback.oaep_encrypt(truncated, b"k")
 
 
 def test_sender_reports_refusal() -> None:

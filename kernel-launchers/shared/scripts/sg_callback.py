@@ -79,7 +79,7 @@ RSA_ENCRYPTION = bytes.fromhex("06092a864886f70d010101")  # DER of the OID 1.2.8
 
 def _der(data: bytes, pos: int, tag: int) -> tuple[bytes, int]:
     """The value of the DER element of type `tag` at `pos`, and the position after it. ValueError if malformed."""
-    if data[pos : pos + 1] != bytes([tag]):
+    if data[pos : pos + 1] != bytes([tag]) or pos + 2 > len(data):
         raise ValueError(f"DER: expected tag {tag:#x} at offset {pos}")
     length, pos = data[pos + 1], pos + 2
     if length & 0x80:
@@ -172,7 +172,7 @@ class CallbackSender:
 
     def _serve(self, requests: int, replies: int, token: str) -> int:
         try:
-            # pycryptodome picks cffi when importable, which costs ~20 ms more CPU to load than its ctypes backend;
+            # pycryptodome picks cffi when importable, which costs several times the CPU of its ctypes backend to load;
             # this short-lived process only encrypts one payload, so it takes the cheaper one
             sys.modules.setdefault("cffi", None)  # type: ignore[arg-type]
             encrypt_payload(self.args[1], self.args[2], {})  # warm imports and native libraries meanwhile
