@@ -215,7 +215,8 @@ async def test_eager_spark_failure_exits_before_calling_back(launcher: Launcher,
 
 
 @pytest.mark.asyncio
-async def test_missing_token_exits_2(launcher: Launcher) -> None:
+async def test_missing_token_exits_2(launcher: Launcher, monkeypatch) -> None:
+    monkeypatch.setenv("PYTHONSAFEPATH", "1")  # the entry script still finds sg_ipykernel beside it
     proc = launcher.start("k5")
     assert await wait_exit(proc, 15) == 2
     assert "error: no launch token on stdin" in launcher.log("k5").read_text()
