@@ -95,8 +95,11 @@ def owners(accounts: Accounts, kernel_id: str) -> dict[str, set[str]]:
     by_uid = {uid: name for name, uid in accounts.uids.items()} | {0: "root"}
     found: dict[str, set[str]] = {}
     for pid in pids:
-        uid = Path(f"/proc/{pid}").stat().st_uid
-        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        try:
+            uid = Path(f"/proc/{pid}").stat().st_uid
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except FileNotFoundError:  # a short-lived one (spark-submit's scripts run several) ended since the listing
+            continue
         found.setdefault(by_uid.get(uid, str(uid)), set()).add(re.sub(r"^python[\d.]*$", "python", comm))
     return found
 
